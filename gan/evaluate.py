@@ -1,0 +1,59 @@
+"""Metrics of a trained generator from its checkpoint."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gan.checkpoint import CheckpointError, load_checkpoint
+from gan.config import Config, config_from_dict
+from gan.errors import UserError
+from models.dcgan import build_models
+
+
+def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, dict]:
+    """The generator a checkpoint samples from (its EMA copy when the run kept one), in eval mode."""
+    state = load_checkpoint(checkpoint)
+    try:
+        cfg = config_from_dict(state["config"])
+    except UserError as e:
+        raise CheckpointError(f"{checkpoint}: its config is not valid here: {e}") from None
+    G, _ = build_models(cfg)
+    weights = state["G"]
+    if state.get("ema"):
+        # AveragedModel keeps the copy under "module." beside its own counter.
+        weights = {k[len("module."):]: v for k, v in state["ema"].items() if k.startswith("module.")}
+    try:
+        G.load_state_dict(weights)
+    except RuntimeError as e:
+        raise CheckpointError(f"{checkpoint} does not fit its own config's generator: "
+                              f"{str(e).splitlines()[0]}") from None
+    return G.to(device).eval(), cfg, state
+
+
+def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: str, reference: str | None,
+                        grid: str | None, progress: bool = True) -> dict:
+    from gan.metrics import Evaluator, resolve_inception_weights
+    from gan.tracking import image_grid
+    from gan.sampling import build_reference, generate, to_uint8
+    from gan.train import resolve_device
+    from torchvision.utils import save_image
+
+    device = resolve_device(device_name)
+    G, cfg, state = load_generator(checkpoint, device)
+    if reference:
+        cfg.eval.reference = reference
+    n = num_samples or cfg.eval.num_samples
+    if n < 2:
+        raise UserError("--num-samples must be at least 2")
+    images = generate(G, n, cfg.model.z_dim, cfg.eval.seed, device, cfg.eval.batch_size, cfg.eval.g_mode)
+    if grid:
+        save_image(image_grid(images[:64]).float() / 255, grid)
+    m = cfg.metrics
+    weights = resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
+    load, ident = build_reference(cfg)
+    evaluator = Evaluator(weights, device, load, ident, cache_dir=m.cache_dir, batch_size=cfg.eval.batch_size,
+                          kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress)
+    result = {k: float(v) for k, v in evaluator.score(to_uint8(images)).items()}
+    return {"checkpoint": str(checkpoint), "step": state["step"], "norm": cfg.model.norm,
+            "generator": "ema" if state.get("ema") else "raw", "num_samples": n, **result}

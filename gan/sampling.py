@@ -1,0 +1,64 @@
+"""Images from a generator, and the real images they are scored against."""
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from gan.config import Config
+from gan.data import ImageData, dataset_identity, load_dataset
+from gan.errors import UserError
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    """[-1, 1] floats -> uint8 pixels, the form real images and the Inception network use."""
+    return images.float().add(1).mul(127.5).round().clamp(0, 255).to(torch.uint8)
+
+
+@torch.no_grad()
+def generate(G: torch.nn.Module, num: int, z_dim: int, seed: int, device: torch.device,
+             batch_size: int = 500, g_mode: str = "eval") -> torch.Tensor:
+    """`num` images in [-1, 1] from fixed noise; the caller's RNG streams and G are left untouched."""
+    if g_mode == "train":
+        G = copy.deepcopy(G)  # batch statistics without touching the real model's running state
+    was_training = G.training
+    G.train(g_mode == "train")
+    z = torch.randn(num, z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    forked = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=forked):  # MN's EM subsampling draws from the global RNG
+        out = torch.cat([G(z[i:i + batch_size]).float() for i in range(0, num, batch_size)])
+    G.train(was_training)
+    return out
+
+
+def build_reference(cfg: Config, train_data: Callable[[], ImageData] | None = None
+                    ) -> tuple[Callable[[], torch.Tensor], str]:
+    """(loader, identity) of the real images FID/KID compare against.
+
+    The identity is cheap (paths, sizes, mtimes), so a cached reference never loads any images.
+    """
+    ref, d = cfg.eval.reference, cfg.data
+    if ref == "train":
+        ident = dataset_identity(d.source, d.path, d.split, d.resize)
+        load = train_data or (lambda: load_dataset(d.source, d.path, d.split, d.download, d.resize))
+    elif ref == "test":
+        if d.source != "cifar10":
+            raise UserError("eval.reference: test needs data.source cifar10; "
+                            "for a folder or zip dataset give the test images' path instead")
+        ident = dataset_identity("cifar10", d.path, "test", d.resize)
+        load = lambda: load_dataset("cifar10", d.path, "test", d.download)
+    else:
+        if not Path(ref).exists():
+            raise UserError(f"eval.reference {ref} does not exist")
+        ident = dataset_identity("folder", ref, "", d.resize)
+        load = lambda: load_dataset("folder", ref, resize=d.resize)
+    n = cfg.eval.reference_samples
+
+    def images() -> torch.Tensor:
+        x = load().images
+        if n and n < len(x):  # a fixed random subset, the same every time
+            x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
+        return x
+    return images, f"{ident}-n{n}" if n else ident

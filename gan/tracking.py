@@ -1,0 +1,109 @@
+"""Where a run's numbers and pictures go: metrics.jsonl in the run folder, and wandb.
+
+wandb is optional at run time: if it cannot start or log, training goes on with one warning and
+the local files stay complete.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from torchvision.utils import make_grid, save_image
+
+WANDB_MODES = ("online", "offline", "disabled")
+
+
+def resolve_wandb_mode(flag: str | None, config_mode: str) -> str:
+    """--wandb beats WANDB_MODE, which beats the config (default offline)."""
+    mode = flag or os.environ.get("WANDB_MODE") or config_mode
+    if mode == "dryrun":
+        mode = "offline"
+    return mode if mode in WANDB_MODES else "offline"
+
+
+def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+    """[-1, 1] images -> one uint8 (3, H, W) grid."""
+    grid = make_grid(images.float().clamp(-1, 1), nrow=nrow, normalize=True, value_range=(-1, 1))
+    return grid.mul(255).round().to(torch.uint8)
+
+
+class RunLogger:
+    def __init__(self, run_dir: Path, config: dict, wandb_mode: str, project: str, resume_step: int | None):
+        self.run_dir = run_dir
+        self.metrics_path = run_dir / "metrics.jsonl"
+        self.samples_dir = run_dir / "samples"
+        self.samples_dir.mkdir(parents=True, exist_ok=True)
+        if resume_step is not None:
+            self._truncate_after(resume_step)
+        elif self.metrics_path.exists():
+            self.metrics_path.unlink()
+        self._wandb = None
+        if wandb_mode != "disabled":
+            self._wandb = self._start_wandb(config, wandb_mode, project)
+
+    def _truncate_after(self, step: int) -> None:
+        # Lines past the checkpoint were written by the part of the run that resume repeats.
+        if not self.metrics_path.exists():
+            return
+        keep = []
+        for line in self.metrics_path.read_text().splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    keep.append(line)
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut by a crash
+        self.metrics_path.write_text("".join(l + "\n" for l in keep))
+
+    def _start_wandb(self, config: dict, mode: str, project: str):
+        try:
+            import wandb
+            id_file = self.run_dir / "wandb_id.txt"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                return wandb.init(project=project, dir=str(self.run_dir), mode=mode, config=config,
+                                  name=self.run_dir.name, id=run_id, resume="allow",
+                                  settings=wandb.Settings(console="off", silent=True))
+        except Exception as e:  # no network in online mode, unwritable dir, broken install...
+            print(f"warning: wandb disabled for this run ({type(e).__name__}: {str(e)[:200]}); "
+                  f"metrics still go to {self.metrics_path}", file=sys.stderr)
+            return None
+
+    def _wandb_call(self, fn) -> None:
+        if self._wandb is None:
+            return
+        try:
+            fn()
+        except Exception as e:
+            print(f"warning: wandb stopped logging ({type(e).__name__}: {str(e)[:200]}); "
+                  f"local logging continues", file=sys.stderr)
+            self._wandb = None
+
+    def log(self, step: int, values: dict) -> None:
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **values}) + "\n")
+        self._wandb_call(lambda: self._wandb.log(values, step=step))
+
+    def samples(self, step: int, images: torch.Tensor, caption: str) -> Path:
+        grid = image_grid(images)
+        path = self.samples_dir / f"step_{step:07d}.png"
+        save_image(grid.float() / 255, path)
+
+        def send():
+            import wandb
+            self._wandb.log({"samples": wandb.Image(grid.permute(1, 2, 0).cpu().numpy(), caption=caption)},
+                            step=step)
+        self._wandb_call(send)
+        return path
+
+    def summary(self, values: dict) -> None:
+        self._wandb_call(lambda: self._wandb.summary.update(values))
+
+    def close(self) -> None:
+        self._wandb_call(lambda: self._wandb.finish())
+        self._wandb = None
