@@ -7,6 +7,7 @@ come from (seed, epoch) alone, which is what makes resume exact without saving l
 from __future__ import annotations
 
 import hashlib
+import io
 import socket
 import zipfile
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 import torchvision
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
 from gan.errors import UserError
@@ -123,10 +124,10 @@ def load_image_folder(path: str | Path, resize: bool = True, progress: bool = Tr
         images = torch.empty(len(entries), 3, IMAGE_SIZE, IMAGE_SIZE, dtype=torch.uint8)
         for i, (name, read) in enumerate(tqdm(entries, desc=f"decoding {path.name}", unit="img",
                                               disable=not progress, leave=False)):
-            raw = torch.frombuffer(bytearray(read()), dtype=torch.uint8)
             try:
-                img = decode_image(raw, mode=ImageReadMode.RGB)
-            except RuntimeError as e:
+                with Image.open(io.BytesIO(read())) as pil:
+                    img = TF.pil_to_tensor(pil.convert("RGB"))
+            except (UnidentifiedImageError, OSError) as e:
                 raise DataError(f"cannot decode image {name} in {path}: {e}") from None
             images[i] = _to_32(img, name, resize)
     except (OSError, zipfile.BadZipFile) as e:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 import warnings
 from pathlib import Path
 
@@ -62,7 +63,7 @@ class RunLogger:
         try:
             import wandb
             id_file = self.run_dir / "wandb_id.txt"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
