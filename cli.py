@@ -31,6 +31,14 @@ def user_errors(fn):
                 raise
             click.echo("interrupted", err=True)
             sys.exit(130)
+        except OSError as e:
+            # A full disk or read-only mount while writing metrics or samples: the user's to fix too.
+            # (Checkpoint writes raise their own UserError, naming the checkpoint that is still valid.)
+            import errno
+            if debug or e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            click.echo(f"error: cannot write {e.filename or 'output'}: {e.strerror}", err=True)
+            sys.exit(1)
     return click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")(wrapper)
 
 
@@ -111,19 +119,154 @@ def train(config_path, norm, steps, batch_size, seed, out, device, data, sets, r
 @click.option("--grid", type=click.Path(dir_okay=False), help="Save an 8x8 sample grid PNG here.")
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--reference", help="Real images to compare with: train, test or a folder/zip [default: the run's].")
+@click.option("--g-mode", type=click.Choice(["eval", "train"]),
+              help="Sample with running statistics (eval) or batch statistics (train) [default: the run's].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def evaluate(checkpoint, num_samples, out_file, grid, device, reference, quiet):
+def evaluate(checkpoint, num_samples, out_file, grid, device, reference, g_mode, quiet):
     """Print FID, KID (and IS when the full Inception weights are present) of a trained generator.
 
     CHECKPOINT is a checkpoint file or a run folder (its newest valid checkpoint).
     """
     from gan.evaluate import evaluate_checkpoint
-    result = evaluate_checkpoint(checkpoint, num_samples, device, reference, grid, progress=not quiet)
+    result = evaluate_checkpoint(checkpoint, num_samples, device, reference, grid, g_mode, progress=not quiet)
     text = json.dumps(result, indent=2)
     click.echo(text)
     if out_file:
         Path(out_file).write_text(text + "\n")
+
+
+@cli.command()
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", "out_dir", type=click.Path(file_okay=False),
+              help="Folder for the PNGs [default: <run folder>/diagnose].")
+@click.option("--num-samples", type=int, default=256, show_default=True, help="Noise vectors in the batch.")
+@click.option("--channels", type=int, default=4, show_default=True, help="Channels plotted per layer.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@user_errors
+def diagnose(checkpoint, out_dir, num_samples, channels, device):
+    """Why MN may help: the generator's pre-normalization activations, layer by layer.
+
+    For each BN/MN layer, saves a PNG with histograms of a few channels before normalization, the
+    fitted mixture overlaid (an MN layer's own running mixture; for BN layers one is fitted with the
+    same EM code), and the histogram after normalization. Prints skewness, excess kurtosis and
+    mixture weights per layer. CHECKPOINT is a checkpoint file or a run folder.
+    """
+    from gan.diagnose import diagnose as run_diagnose, format_report
+    from gan.evaluate import load_generator
+    from gan.train import resolve_device
+    if num_samples < 2 or channels < 1:
+        raise click.BadParameter("--num-samples must be >= 2 and --channels >= 1")
+    dev = resolve_device(device)
+    G, cfg, state = load_generator(checkpoint, dev)
+    path = Path(checkpoint)
+    run_dir = path if path.is_dir() else path.parent.parent
+    out = Path(out_dir) if out_dir else run_dir / "diagnose"
+    out.mkdir(parents=True, exist_ok=True)
+    rows = run_diagnose(G, cfg.model.z_dim, out, dev, num_samples=num_samples, channels=channels,
+                        num_components=cfg.model.mn.num_components)
+    click.echo(f"{checkpoint} (step {state['step']}, norm {cfg.model.norm})")
+    click.echo(format_report(rows))
+    click.echo(f"PNGs in {out}")
+
+
+@cli.command()
+@click.argument("which", type=click.Choice(["train", "norm", "eval", "all"]), default="all")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--steps", type=int, default=10, show_default=True, help="Training steps per timed repeat.")
+@click.option("--repeats", type=int, default=5, show_default=True, help="Timed repeats; the median is reported.")
+@click.option("--ngf", type=int, default=64, show_default=True, help="Generator/discriminator width.")
+@click.option("--eval-images", type=int, default=250, show_default=True,
+              help="Generated (and as many real) images for the eval benchmark.")
+@click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the numbers here.")
+@user_errors
+def bench(which, device, steps, repeats, ngf, eval_images, json_file):
+    """Speed as ratios measured side by side in this process (median of repeats, after warm-up).
+
+    train: our step vs the classic DCGAN example's loop; norm: MN vs BN step time and memory;
+    eval: our Inception feature extraction vs torch-fidelity's default path, and their FIDs.
+    The last line is the headline ratio.
+    """
+    import dataclasses
+    from gan.bench import bench_eval, bench_norm, bench_train, format_table
+    from gan.train import resolve_device
+    dev = resolve_device(device)
+    if min(steps, repeats, ngf, eval_images) < 1:
+        raise click.BadParameter("--steps, --repeats, --ngf and --eval-images must be positive")
+    rows = []
+    if which in ("train", "all"):
+        rows += bench_train(dev, steps, repeats, ngf)
+    if which in ("norm", "all"):
+        rows += bench_norm(dev, steps, repeats, ngf)
+    if which in ("eval", "all"):
+        rows += bench_eval(dev, eval_images, repeats=max(1, repeats // 2))
+    click.echo(format_table(rows, dev))
+    if json_file:
+        Path(json_file).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
+    click.echo("headline: " + "; ".join(f"{r.ratio_name} {r.ratio:.2f}x" for r in rows if r.unit != "MiB"))
+
+
+@cli.command()
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Folder for the outputs [default: <the runs' common parent>/compare].")
+@click.option("--metric", type=click.Choice(["fid", "kid"]), default="fid", show_default=True,
+              help="Metric to compare (kid uses kid_mean); fid writes compare.*, kid writes compare-kid.*.")
+@click.option("--target", type=float,
+              help="Metric value for 'steps to target' [default: the baseline group's best, mean over seeds].")
+@click.option("--baseline", metavar="LABEL|RUN",
+              help="Group the speed-ups are relative to: a group label or one of its run folders "
+                   "[default: the bn group].")
+@click.option("--force", is_flag=True, help="Compare runs even when their data or evaluation setup differs.")
+@user_errors
+def compare(run_dirs, out, metric, target, baseline, force):
+    """Compare runs: metric curves (PNG), a markdown table and JSON.
+
+    RUN_DIR is a run folder (config.yaml + metrics.jsonl), or a folder of run folders such as a study's
+    out folder. Runs are grouped by the config keys that differ between them (seed, folder, length,
+    device, logging and checkpoint settings do not count), e.g. "norm=mn, mn.num_components=2".
+
+    Per group: seeds (* = still running), best metric (mean ± std over seeds) and the step of each
+    seed's best, final metric, steps and training time to reach the target (per seed the first
+    evaluation at or below it), speed-up = baseline's steps (time) to target / the group's, and
+    seconds per step. The PNG shows mean and min..max band over seeds vs step and vs training time.
+
+    Runs with no evaluations yet are skipped with a warning; runs with different data.source/path/split
+    or eval.reference/reference_samples/num_samples are refused unless --force.
+    """
+    from gan.compare import compare_runs
+    result = compare_runs(run_dirs, out, metric, target, force, baseline,
+                          warn=lambda m: click.echo(m, err=True))
+    click.echo(result.markdown)
+    click.echo(f"wrote {', '.join(str(f) for f in result.files)}")
+
+
+@cli.command()
+@click.argument("study_file", type=click.Path(dir_okay=False))
+@click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Runs trained at once (a GPU is mostly idle with one small DCGAN: try 3-4 there; 1 on a CPU).")
+@click.option("--dry-run", is_flag=True, help="List each run's state and command; train nothing.")
+@user_errors
+def study(study_file, jobs, dry_run):
+    """Train every (variant, seed) of a study file, then compare them into OUT/compare.
+
+    \b
+    A study file (paths relative to the current folder):
+      base: configs/study-cpu.yaml  # config every run starts from
+      out: runs/study-cpu           # runs go to OUT/<variant>-s<seed>
+      seeds: [0, 1]                 # default seeds
+      set: {train.device: cpu}      # optional overrides for every variant
+      variants:                     # name: dotted overrides [+ own seeds]
+        bn: {model.norm: bn}
+        mn: {model.norm: mn}
+        mn-layer0: {model.norm: mn, model.mn_layers: [0], seeds: [0]}
+
+    Each run is `cli.py train --config BASE --set ... --seed S --out OUT/<run> --resume auto --quiet`,
+    logged to OUT/<run>/train.log. Finished runs are skipped and stopped ones resume, so after Ctrl-C
+    (each run saves a checkpoint) the same command continues the study.
+    """
+    from gan.study import load_study, run_study
+    run_study(load_study(study_file), jobs, dry_run, echo=click.echo, warn=lambda m: click.echo(m, err=True))
 
 
 if __name__ == "__main__":

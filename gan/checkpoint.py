@@ -9,7 +9,7 @@ import os
 import pickle
 import re
 import sys
-import zipfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -18,10 +18,16 @@ from gan.errors import UserError
 
 FORMAT_VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
+_TEMP_FILE = re.compile(r"^\.(step_\d+|best)\.pt\.tmp\d+$")
 
 
 class CheckpointError(UserError):
     pass
+
+
+class CheckpointWriteError(UserError):
+    """Saving failed (disk full, folder gone): the run stops, the previous checkpoint is untouched."""
+    exit_code = 1
 
 
 def step_path(ckpt_dir: Path, step: int) -> Path:
@@ -65,12 +71,40 @@ def _test_hook_slow_write() -> None:
 
 
 def save_checkpoint(state: dict, ckpt_dir: Path, keep: int) -> Path:
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = step_path(ckpt_dir, state["step"])
-    atomic_save({"format_version": FORMAT_VERSION, **state}, path)
-    for old in list_checkpoints(ckpt_dir)[keep:]:
-        old.unlink(missing_ok=True)
+    write_checkpoint(state, path)
+    # Rotation only looks at older steps: files past this one (left by a run that resume repeats,
+    # or broken ones resume skipped) are replaced when the run reaches them, never deleted first.
+    older = [p for p in list_checkpoints(ckpt_dir) if _step_of(p) < state["step"]]
+    for old in older[keep - 1:]:
+        try:
+            old.unlink(missing_ok=True)
+        except OSError:
+            pass
     return path
+
+
+def write_checkpoint(state: dict, path: Path) -> None:
+    """Atomically save `state` (stamped with the format version); a failed write is one clear error."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save({"format_version": FORMAT_VERSION, **state}, path)
+    except OSError as e:
+        previous = [p for p in list_checkpoints(path.parent) if p != path]
+        kept = f"the previous checkpoint {previous[0]} is untouched" if previous else "no earlier checkpoint exists"
+        raise CheckpointWriteError(f"could not write checkpoint {path}: {e.strerror or e}; {kept}") from None
+
+
+def remove_stale_temps(ckpt_dir: Path) -> None:
+    """Temporary files of writes that a killed process never finished (they are never valid checkpoints)."""
+    if ckpt_dir.is_dir():
+        for p in ckpt_dir.iterdir():
+            if _TEMP_FILE.match(p.name):
+                p.unlink(missing_ok=True)
+
+
+def _step_of(path: Path) -> int:
+    return int(_STEP_FILE.match(path.name).group(1))
 
 
 def list_checkpoints(ckpt_dir: Path) -> list[Path]:
@@ -89,20 +123,33 @@ def load_checkpoint(path: str | Path) -> dict:
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says enough
+            warnings.simplefilter("ignore")
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else "unpickling refused"
-        raise CheckpointError(f"{path} was refused: it is not a plain checkpoint "
-                              f"(weights_only load: {first[:200]})") from None
-    except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError) as e:
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file): "
-                              f"{str(e).splitlines()[0][:200] if str(e) else type(e).__name__}") from None
-    if not isinstance(state, dict) or "format_version" not in state or "G" not in state:
+        raise CheckpointError(f"{path} was refused: it holds more than tensors and plain values, and "
+                              f"nothing in it was run ({_refusal_reason(e)})") from None
+    except Exception as e:  # truncated zip, a text file, random bytes: torch raises many types
+        first = str(e).strip().split(". ")[0].splitlines()[0][:160] if str(e).strip() else ""
+        detail = f"{type(e).__name__}: {first}" if first else type(e).__name__
+        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or not a torch file: "
+                              f"{detail})") from None
+    if not isinstance(state, dict) or not isinstance(state.get("format_version"), int) or "G" not in state:
         raise CheckpointError(f"{path} is not a checkpoint of this project (no format_version / generator)")
     if state["format_version"] > FORMAT_VERSION:
         raise CheckpointError(f"{path} has checkpoint format {state['format_version']}, newer than this "
                               f"program's {FORMAT_VERSION}: update the program")
     return state
+
+
+def _refusal_reason(e: Exception) -> str:
+    """The one informative line of torch's weights_only refusal (e.g. the blocked GLOBAL)."""
+    # torch wraps it in advice that varies between versions; the line naming what is unsupported is the news.
+    lines = [line.strip().removeprefix("WeightsUnpickler error:").strip() for line in str(e).splitlines()]
+    for line in lines:
+        if "nsupported" in line:
+            return line.split(". ")[0].rstrip(".")[:200]
+    return "unsupported content"
 
 
 def _resolve_dir(path: Path) -> Path:

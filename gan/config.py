@@ -35,6 +35,7 @@ class MNConfig:
     var_floor: float = 1e-4
     prior_scaling: bool = True
     detach_posteriors: bool = True
+    dead_steps: int = 5  # steps below lambda_min before a component is re-seeded
 
 
 @dataclass
@@ -141,6 +142,11 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+# Length, logging cadence and the device may change when a run is resumed; the maths may not.
+RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.device", "train.threads", "log.every", "log.sample_every",
+                     "log.wandb", "ckpt.every", "ckpt.keep", "eval.every", "data.path", "data.on_device",
+                     "train.compile")
+
 # Range rules, checked after types. Each is (predicate, what the value must be).
 _RULES: dict[str, tuple] = {
     "model.z_dim": (lambda v: v > 0, "> 0"),
@@ -154,6 +160,7 @@ _RULES: dict[str, tuple] = {
     "model.mn.em_samples": (lambda v: v >= 2, ">= 2"),
     "model.mn.lambda_min": (lambda v: 0 < v < 1, "in (0, 1)"),
     "model.mn.var_floor": (lambda v: v > 0, "> 0"),
+    "model.mn.dead_steps": (lambda v: v >= 1, ">= 1"),
     "train.steps": (lambda v: v >= 1, ">= 1"),
     "train.batch_size": (lambda v: v >= 1, ">= 1"),
     "train.lr_g": (lambda v: v > 0, "> 0"),

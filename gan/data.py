@@ -127,7 +127,9 @@ def load_image_folder(path: str | Path, resize: bool = True, progress: bool = Tr
             try:
                 with Image.open(io.BytesIO(read())) as pil:
                     img = TF.pil_to_tensor(pil.convert("RGB"))
-            except (UnidentifiedImageError, OSError) as e:
+            except UnidentifiedImageError:
+                raise DataError(f"cannot decode image {name} in {path}: not a readable image file") from None
+            except OSError as e:
                 raise DataError(f"cannot decode image {name} in {path}: {e}") from None
             images[i] = _to_32(img, name, resize)
     except (OSError, zipfile.BadZipFile) as e:

@@ -32,7 +32,7 @@ def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.
 
 
 def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: str, reference: str | None,
-                        grid: str | None, progress: bool = True) -> dict:
+                        grid: str | None, g_mode: str | None = None, progress: bool = True) -> dict:
     from gan.metrics import Evaluator, resolve_inception_weights
     from gan.tracking import image_grid
     from gan.sampling import build_reference, generate, to_uint8
@@ -43,6 +43,8 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: s
     G, cfg, state = load_generator(checkpoint, device)
     if reference:
         cfg.eval.reference = reference
+    if g_mode:
+        cfg.eval.g_mode = g_mode
     n = num_samples or cfg.eval.num_samples
     if n < 2:
         raise UserError("--num-samples must be at least 2")
@@ -56,4 +58,4 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: s
                           kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress)
     result = {k: float(v) for k, v in evaluator.score(to_uint8(images)).items()}
     return {"checkpoint": str(checkpoint), "step": state["step"], "norm": cfg.model.norm,
-            "generator": "ema" if state.get("ema") else "raw", "num_samples": n, **result}
+            "generator": "ema" if state.get("ema") else "raw", "g_mode": cfg.eval.g_mode, "num_samples": n, **result}

@@ -57,7 +57,10 @@ class RunLogger:
                     keep.append(line)
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut by a crash
-        self.metrics_path.write_text("".join(l + "\n" for l in keep))
+        # Via a temporary file: a kill during this rewrite must not lose the lines before the checkpoint.
+        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        tmp.replace(self.metrics_path)
 
     def _start_wandb(self, config: dict, mode: str, project: str):
         try:

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gan import checkpoint as ckpt
-from gan.config import Config, config_diff, config_from_dict
-from gan.data import BatchStream, load_dataset
+from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict
+from gan.data import BatchStream, ImageData, load_dataset
 from gan.errors import UserError
 from gan.sampling import build_reference, generate, to_uint8
 from gan.tracking import RunLogger
@@ -27,9 +27,10 @@ class Diverged(UserError):
 class Interrupted(UserError):
     """SIGINT / SIGTERM: the checkpoint is saved; exit with the shell's code for that signal."""
 
-    def __init__(self, signum: int, path: Path):
+    def __init__(self, signum: int, step: int, path: Path):
         self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint saved at {path}")
+        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved at {path} "
+                         f"(continue with --resume auto)")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -47,9 +48,11 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
+
+
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False,
-                 wandb_mode: str | None = None, progress: bool = True):
+                 wandb_mode: str | None = None, progress: bool = True, data: ImageData | None = None):
         from gan.tracking import resolve_wandb_mode
         self.cfg = cfg
         self.progress = progress
@@ -61,8 +64,9 @@ class Trainer:
         state = self._prepare_run_dir(resume, overwrite)
 
         torch.manual_seed(cfg.train.seed)
-        self.data = load_dataset(cfg.data.source, cfg.data.path, cfg.data.split, cfg.data.download,
-                                 cfg.data.resize, progress)
+        # `data` lets benchmarks and tests hand over images that are already in memory.
+        self.data = data or load_dataset(cfg.data.source, cfg.data.path, cfg.data.split, cfg.data.download,
+                                         cfg.data.resize, progress)
         images = self.data.images
         if self.device.type == "cuda" and cfg.data.on_device:
             images = images.to(self.device)
@@ -114,37 +118,56 @@ class Trainer:
             raise UserError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
         saved = run_dir / "config.yaml"
         state = None
+        ckpt.remove_stale_temps(self.ckpt_dir)
         if resume:
+            source = resume
             if resume == "auto":
                 found = ckpt.latest_valid(self.ckpt_dir)
                 if found is not None:
-                    state = found[1]
+                    source, state = found
+                elif ckpt.list_checkpoints(self.ckpt_dir):
+                    print(f"warning: no valid checkpoint in {self.ckpt_dir}; starting from step 0",
+                          file=sys.stderr)
             else:
                 state = ckpt.load_checkpoint(resume)
             if state is not None:
-                self._check_compatible(state)
+                self._check_compatible(state, source)
+                print(f"resuming from {source} at step {state['step']}", file=sys.stderr)
         elif overwrite:
             for p in ckpt.list_checkpoints(self.ckpt_dir) + [self.ckpt_dir / "best.pt"]:
                 p.unlink(missing_ok=True)
-        elif saved.exists() and ckpt.list_checkpoints(self.ckpt_dir):
-            raise UserError(f"run folder {run_dir} already holds a run; pass --resume auto to continue it, "
-                            f"--overwrite to start it again, or --out for a new folder")
-        saved.write_text(cfg.to_yaml())
+        elif saved.exists():
+            differs = self._saved_config_diff(saved)
+            if differs is not None:
+                raise UserError(f"run folder {run_dir} already holds a different run ({differs}); "
+                                f"use --out for a new folder, or --overwrite to replace it")
+            if ckpt.list_checkpoints(self.ckpt_dir):
+                raise UserError(f"run folder {run_dir} already holds a run; pass --resume auto to continue it, "
+                                f"--overwrite to start it again, or --out for a new folder")
+        _atomic_write_text(saved, cfg.to_yaml())
         return state
 
-    def _check_compatible(self, state: dict) -> None:
+    def _saved_config_diff(self, saved: Path) -> str | None:
+        """What the run folder's config.yaml changes against this config; None when nothing does."""
+        import yaml
+        try:
+            old = config_from_dict(yaml.safe_load(saved.read_text()))
+        except (UserError, yaml.YAMLError, OSError, TypeError):
+            return "its config.yaml is unreadable"
+        diff = config_diff(old, self.cfg, RESUMABLE_CHANGES)
+        if not diff:
+            return None
+        return ", ".join(f"{k}: {_get(old, k)!r} -> {_get(self.cfg, k)!r}" for k in diff[:4])
+
+    def _check_compatible(self, state: dict, source) -> None:
         try:
             old = config_from_dict(state["config"])
-        except UserError as e:
-            raise ckpt.CheckpointError(f"checkpoint config is not valid here: {e}") from None
-        # Length, logging cadence and the device may change on resume; the maths may not.
-        ignore = ("run_dir", "train.steps", "train.device", "train.threads", "log.every", "log.sample_every",
-                  "log.wandb", "ckpt.every", "ckpt.keep", "eval.every", "data.path", "data.on_device",
-                  "train.compile")
-        diff = config_diff(old, self.cfg, ignore)
+        except (UserError, KeyError, TypeError) as e:
+            raise ckpt.CheckpointError(f"{source}: its config is not valid here: {e}") from None
+        diff = config_diff(old, self.cfg, RESUMABLE_CHANGES)
         if diff:
             shown = ", ".join(f"{k}: {_get(old, k)!r} -> {_get(self.cfg, k)!r}" for k in diff[:4])
-            raise ckpt.CheckpointError(f"checkpoint is from a different run configuration ({shown}); "
+            raise ckpt.CheckpointError(f"{source} is from a different run configuration ({shown}); "
                                        f"use --out for a new run")
 
     def _restore(self, state: dict) -> None:
@@ -209,13 +232,18 @@ class Trainer:
     def _apply(self, opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor) -> None:
         opt.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        finite = torch.isfinite(loss) & torch.isfinite(torch.stack([g.float().norm() for g in grads]).sum())
+        finite = torch.isfinite(loss)
+        if not self.scaler.is_enabled():
+            # Under fp16 loss scaling, inf gradients are routine overflow: the scaler skips that
+            # update and lowers its scale by itself, so only the loss says the run diverged.
+            grads = [p.grad for p in model.parameters() if p.grad is not None]
+            finite = finite & torch.isfinite(torch.stack([g.float().norm() for g in grads]).sum())
         if self.cfg.train.on_nan == "skip":
             # This mode pays a host sync per update to keep a bad batch out of the weights.
             if not finite.item():
-                print(f"warning: non-finite loss or gradient at step {self.step + 1}; update skipped",
-                      file=sys.stderr)
+                if not self._skipped:  # one line per step, though D's and G's updates may both go
+                    print(f"warning: non-finite loss or gradient at step {self.step + 1}; update skipped",
+                          file=sys.stderr)
                 opt.zero_grad(set_to_none=True)
                 self._skipped = True
                 return
@@ -336,18 +364,18 @@ class Trainer:
 
             last = self.step == cfg.train.steps
             record: dict = {}
+            evaluating = self._every(cfg.eval.every) or (last and cfg.eval.every)
+            if (self._every(cfg.log.every) or last or self._every(cfg.ckpt.every) or evaluating
+                    or self._stop_signal is not None):
+                # Nothing is saved or scored past this point with weights a bad update has touched.
+                self._check_finite()
             if self._every(cfg.log.every) or last or self._every(cfg.ckpt.every):
-                bad = int(self._first_bad)
-                if bad >= 0:
-                    raise Diverged(f"training diverged: non-finite loss or gradient at step {bad}; "
-                                   f"last good checkpoint: {self._last_ckpt()} "
-                                   f"(train.on_nan: skip skips such updates instead)")
                 means = {k: (v / window_steps).item() for k, v in sums.items()}
                 record.update(means)
                 record["sec_per_step"] = window_time / window_steps
                 record["train_time"] = self.train_time
                 sums, window_steps, window_time = {}, 0, 0.0
-            if self._every(cfg.eval.every) or (last and cfg.eval.every):
+            if evaluating:
                 metrics = self.evaluate()
                 record.update(metrics)
                 self.history.append({"step": self.step, **metrics})
@@ -355,8 +383,7 @@ class Trainer:
                 if self.best is None or metrics["fid"] < self.best["fid"]:
                     self.best = {"step": self.step, "fid": metrics["fid"]}
                     self.logger.summary({"best_fid": self.best["fid"], "best_step": self.step})
-                    ckpt.atomic_save({"format_version": ckpt.FORMAT_VERSION, **self.state_dict()},
-                                     self.ckpt_dir / "best.pt")
+                    ckpt.write_checkpoint(self.state_dict(), self.ckpt_dir / "best.pt")
             if record:
                 record.setdefault("train_time", self.train_time)
                 self.logger.log(self.step, record)
@@ -371,16 +398,29 @@ class Trainer:
             if self._stop_signal is not None:
                 bar.close()
                 path = self.save() if not (self._every(cfg.ckpt.every) or last) else self._last_ckpt()
-                raise Interrupted(self._stop_signal, path)
+                raise Interrupted(self._stop_signal, self.step, path)
         bar.close()
         summary = {"step": self.step, "train_time": self.train_time, "run_dir": str(self.run_dir)}
         if self.best:
             summary.update(best_fid=self.best["fid"], best_step=self.best["step"])
         return summary
 
+    def _check_finite(self) -> None:
+        bad = int(self._first_bad)
+        if bad >= 0:
+            raise Diverged(f"training diverged: non-finite loss or gradient at step {bad}; "
+                           f"last good checkpoint: {self._last_ckpt()} "
+                           f"(train.on_nan: skip skips such updates instead)")
+
     def _last_ckpt(self) -> str:
         found = ckpt.list_checkpoints(self.ckpt_dir)
         return str(found[0]) if found else "none yet"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _get(cfg: Config, dotted: str):

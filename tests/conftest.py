@@ -20,7 +20,9 @@ def _isolated_env(tmp_path_factory):
     os.environ["TORCH_HOME"] = str(home)
     os.environ["WANDB_MODE"] = "disabled"
     os.environ["WANDB_SILENT"] = "true"
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    # Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting
+    # for each other slowed steps 5-100x.
+    torch.set_num_threads(1)
     yield
     for k, v in old.items():
         if v is None:
@@ -88,3 +90,31 @@ def tiny_config(image_zip, tmp_path):
         run_dir = extra.pop("run_dir", tmp_path / "run")
         return load_config(None, tiny_overrides(image_zip, run_dir, **extra))
     return make
+
+
+# ---------------------------------------------------------------- the fault suite's summary line
+
+# marker -> [passed, run]; tests/test_faults.py marks its tests `fault` or `bad_input`.
+_FAULT_TALLY = {"fault": [0, 0], "bad_input": [0, 0]}
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "fault: a fault a run must survive (tallied in the summary line)")
+    config.addinivalue_line("markers", "bad_input: an input the CLI must reject (tallied in the summary line)")
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    kind = next((k for k in _FAULT_TALLY if item.get_closest_marker(k)), None)
+    # Counted once: at the call, or at a setup that failed and so had no call.
+    if kind is not None and (report.when == "call" or (report.when == "setup" and not report.passed)):
+        _FAULT_TALLY[kind][0] += report.passed
+        _FAULT_TALLY[kind][1] += 1
+    return report
+
+
+def pytest_terminal_summary(terminalreporter):
+    (f_ok, f_run), (b_ok, b_run) = _FAULT_TALLY["fault"], _FAULT_TALLY["bad_input"]
+    if f_run or b_run:
+        terminalreporter.write_line(f"faults survived: {f_ok}/{f_run}, bad inputs rejected: {b_ok}/{b_run}")

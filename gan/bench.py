@@ -1,0 +1,241 @@
+"""Benchmarks that report ratios measured side by side in one process, never bare timings.
+
+- train: our training step (BN generator) vs a reference loop written the way the classic PyTorch
+  DCGAN example is (DataLoader over CPU tensors, fp32, default memory format, `.item()` every step).
+- norm:  our step with MN (K=3, one EM step) vs our step with BN; step time and memory.
+- eval:  our Inception feature extraction vs a default `torch_fidelity.calculate_metrics` call on the
+  same images, and the FID each gives.
+Timings alternate between the two sides and report the median, so drift hits both alike.
+"""
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from gan.config import load_config
+from gan.data import ImageData
+
+
+@dataclass
+class Row:
+    bench: str
+    what: str
+    ours: float
+    baseline: float
+    unit: str
+    ratio_name: str
+    ratio: float
+    extra: dict = field(default_factory=dict)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _alternate(a: Callable[[], None], b: Callable[[], None], repeats: int, device: torch.device
+               ) -> tuple[float, float]:
+    """Median seconds of `a` and of `b`, timed in alternation after one warm-up call each."""
+    ta, tb = [], []
+    a(), b()
+    for _ in range(repeats):
+        for fn, out in ((a, ta), (b, tb)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            out.append(time.perf_counter() - t0)
+    return statistics.median(ta), statistics.median(tb)
+
+
+def synthetic_data(n: int = 4096, seed: int = 0) -> ImageData:
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return ImageData(images, torch.zeros(n, dtype=torch.int64), ["synthetic"], f"synthetic-{n}-{seed}")
+
+
+def make_trainer(device: str, norm: str, data: ImageData, run_dir: Path, **overrides):
+    """Our real Trainer, on in-memory data, with logging off: what a training run executes per step."""
+    from gan.train import Trainer
+    o = {"run_dir": str(run_dir), "model.norm": norm, "train.device": device, "eval.every": 0,
+         "log.sample_every": 0, "ckpt.every": 0, "log.wandb": "disabled", "data.source": "folder",
+         "data.path": "in-memory", **overrides}
+    return Trainer(load_config(None, o), overwrite=True, progress=False, data=data)
+
+
+def run_steps(trainer, n: int) -> None:
+    for _ in range(n):
+        trainer.train_step()
+        trainer.step += 1
+
+
+class ReferenceLoop:
+    """The classic DCGAN example's loop: DataLoader from CPU float tensors, fp32, `.item()` every step."""
+
+    def __init__(self, data: ImageData, device: torch.device, ngf: int, ndf: int, batch_size: int, z_dim: int = 100):
+        from models.dcgan import Discriminator, Generator, dcgan_init
+        x = data.images.float() / 127.5 - 1
+        self.loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x), batch_size=batch_size,
+                                                  shuffle=True, drop_last=True)
+        self.it = iter(self.loader)
+        self.G, self.D = Generator(z_dim, ngf).to(device), Discriminator(ndf).to(device)
+        dcgan_init(self.G), dcgan_init(self.D)
+        self.opt_g = torch.optim.Adam(self.G.parameters(), 2e-4, betas=(0.5, 0.999))
+        self.opt_d = torch.optim.Adam(self.D.parameters(), 2e-4, betas=(0.5, 0.999))
+        self.criterion = nn.BCEWithLogitsLoss()
+        self.device, self.z_dim = device, z_dim
+
+    def _next(self) -> torch.Tensor:
+        try:
+            return next(self.it)[0]
+        except StopIteration:
+            self.it = iter(self.loader)
+            return next(self.it)[0]
+
+    def step(self) -> None:
+        real = self._next().to(self.device)
+        b = real.shape[0]
+        label = torch.full((b,), 1.0, device=self.device)
+        self.D.zero_grad()
+        out = self.D(real)
+        err_real = self.criterion(out, label)
+        err_real.backward()
+        d_x = torch.sigmoid(out).mean().item()
+        fake = self.G(torch.randn(b, self.z_dim, 1, 1, device=self.device))
+        label.fill_(0.0)
+        out = self.D(fake.detach())
+        err_fake = self.criterion(out, label)
+        err_fake.backward()
+        self.opt_d.step()
+        self.G.zero_grad()
+        label.fill_(1.0)
+        out = self.D(fake)
+        err_g = self.criterion(out, label)
+        err_g.backward()
+        self.opt_g.step()
+        _ = (err_real + err_fake).item(), err_g.item(), d_x, torch.sigmoid(out).mean().item()
+
+
+def bench_train(device: torch.device, steps: int, repeats: int, ngf: int = 64, batch_size: int = 64) -> list[Row]:
+    data = synthetic_data()
+    with tempfile.TemporaryDirectory() as tmp:
+        ours = make_trainer(device.type, "bn", data, Path(tmp) / "ours", **{"model.ngf": ngf, "model.ndf": ngf,
+                                                                            "train.batch_size": batch_size})
+        ref = ReferenceLoop(data, device, ngf, ngf, batch_size)
+
+        def ref_steps():
+            for _ in range(steps):
+                ref.step()
+        t_ours, t_ref = _alternate(lambda: run_steps(ours, steps), ref_steps, repeats, device)
+    return [Row("train", f"DCGAN step, BN, batch {batch_size}, ngf={ngf}", t_ours / steps * 1e3,
+                t_ref / steps * 1e3, "ms/step", "speed-up vs reference loop", t_ref / t_ours)]
+
+
+def _activation_bytes(trainer) -> int:
+    """Bytes autograd saves for backward in one generator+discriminator step: the memory a step needs
+    beyond the weights, and the part MN changes. Measured by hooks, so it works on the CPU too."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.train_step()
+    return total
+
+
+def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, batch_size: int = 64) -> list[Row]:
+    data = synthetic_data()
+    common = {"model.ngf": ngf, "model.ndf": ngf, "train.batch_size": batch_size,
+              "model.mn.num_components": 3, "model.mn.em_steps": 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        bn = make_trainer(device.type, "bn", data, Path(tmp) / "bn", **common)
+        mn = make_trainer(device.type, "mn", data, Path(tmp) / "mn", **common)
+        t_mn, t_bn = _alternate(lambda: run_steps(mn, steps), lambda: run_steps(bn, steps), repeats, device)
+        rows = [Row("norm", f"DCGAN step, MN (K=3, 1 EM step) vs BN, batch {batch_size}", t_mn / steps * 1e3,
+                    t_bn / steps * 1e3, "ms/step", "MN/BN step time", t_mn / t_bn)]
+        if device.type == "cuda":
+            peaks = []
+            for tr in (mn, bn):
+                torch.cuda.reset_peak_memory_stats(device)
+                run_steps(tr, 2)
+                peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
+            rows.append(Row("norm", "peak GPU memory per step", peaks[0], peaks[1], "MiB", "MN/BN memory",
+                            peaks[0] / peaks[1]))
+        else:
+            a_mn, a_bn = _activation_bytes(mn) / 2**20, _activation_bytes(bn) / 2**20
+            rows.append(Row("norm", "tensors saved for backward per step", a_mn, a_bn, "MiB", "MN/BN memory",
+                            a_mn / a_bn))
+    return rows
+
+
+def bench_eval(device: torch.device, num_images: int, repeats: int) -> list[Row]:
+    import torch_fidelity
+    from gan.metrics import Evaluator, resolve_inception_weights
+    from gan.sampling import generate, to_uint8
+    from models.dcgan import Generator, dcgan_init
+
+    weights = resolve_inception_weights(None, None)
+    g = Generator(100, 32)
+    dcgan_init(g)
+    fake = to_uint8(generate(g.to(device), num_images, 100, 0, device))
+    real = synthetic_data(num_images, seed=1).images
+
+    class Images(torch.utils.data.Dataset):
+        def __init__(self, x):
+            self.x = x.cpu()
+
+        def __len__(self):
+            return len(self.x)
+
+        def __getitem__(self, i):
+            return self.x[i]
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ev = Evaluator(weights, device, lambda: real, f"bench-{num_images}", cache_dir=tmp, verbose=False)
+        theirs = {}
+
+        def ours_fn():
+            ev.features(fake)
+            ev.features(real)
+
+        def theirs_fn():
+            theirs.update(torch_fidelity.calculate_metrics(
+                input1=Images(fake), input2=Images(real), fid=True, cuda=device.type == "cuda",
+                feature_extractor_weights_path=weights.path, cache=False, verbose=False))
+        t_ours, t_theirs = _alternate(ours_fn, theirs_fn, repeats, device)
+        fid_ours = ev.score(fake)["fid"]
+    fid_theirs = theirs["frechet_inception_distance"]
+    n = 2 * num_images
+    return [Row("eval", f"Inception features, {num_images} generated + {num_images} real images", n / t_ours,
+                n / t_theirs, "img/s", "speed-up vs torch-fidelity", t_theirs / t_ours,
+                {"fid_ours": fid_ours, "fid_torch_fidelity": fid_theirs, "fid_abs_diff": abs(fid_ours - fid_theirs)})]
+
+
+def format_table(rows: list[Row], device: torch.device) -> str:
+    lines = [f"device: {device_name(device)}",
+             f"{'bench':<6} {'what':<58} {'ours':>10} {'baseline':>10} {'unit':<8} ratio",
+             "-" * 110]
+    for r in rows:
+        lines.append(f"{r.bench:<6} {r.what:<58} {r.ours:>10.2f} {r.baseline:>10.2f} {r.unit:<8} "
+                     f"{r.ratio:.2f}x ({r.ratio_name})")
+        for k, v in r.extra.items():
+            lines.append(f"{'':<6}   {k} = {v:.4f}")
+    return "\n".join(lines)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    import platform
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+BENCHES = {"train": bench_train, "norm": bench_norm, "eval": bench_eval}

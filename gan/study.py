@@ -1,0 +1,334 @@
+"""A study: every (variant, seed) training run of one comparison, then `compare` over them all.
+
+A study file (YAML; paths in it are relative to the current folder, like the paths in a config):
+
+    base: configs/study-cpu.yaml   # the config every run starts from
+    out: runs/study-cpu            # run i goes to OUT/<variant>-s<seed>; the comparison to OUT/compare
+    seeds: [0, 1]                  # seeds for every variant that does not list its own
+    set: {train.device: cpu}       # optional: dotted overrides for every variant
+    variants:                      # name: dotted config overrides (and optionally its own seeds)
+      bn: {model.norm: bn}
+      mn: {model.norm: mn}
+      mn-layer0: {model.norm: mn, model.mn_layers: [0], seeds: [0]}
+
+Each run is `python cli.py train --config BASE --set K=V ... --seed S --out OUT/<variant>-s<seed>
+--resume auto --quiet` in a subprocess, its output appended to OUT/<run>/train.log. Runs that already
+reached train.steps are skipped and the others resume from their newest checkpoint, so a stopped study
+continues where it stopped when the same command is run again.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import yaml
+
+from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict, load_config, parse_assignment
+from gan.errors import UserError
+
+CLI = Path(__file__).resolve().parents[1] / "cli.py"
+KEYS = ("base", "out", "seeds", "set", "variants")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
+STUDY_OWNED = {"run_dir": "the study puts runs in OUT/<variant>-s<seed>",
+               "train.seed": "use seeds: [...] instead"}
+
+
+class StudyError(UserError):
+    pass
+
+
+class StudyInterrupted(UserError):
+    exit_code = 130
+
+
+@dataclass
+class PlannedRun:
+    name: str
+    variant: str
+    seed: int
+    run_dir: Path
+    config: Config
+    sets: list[str]
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def command(self) -> str:
+        return shlex.join(self.argv)
+
+
+@dataclass
+class Study:
+    path: Path
+    base: str
+    out: Path
+    runs: list[PlannedRun]
+
+
+# ---------------------------------------------------------------- the study file
+
+def _seeds(value, where: str, path: Path) -> list[int]:
+    if (not isinstance(value, list) or not value
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in value)):
+        raise StudyError(f"study: {path}: {where} must be a non-empty list of seeds (integers >= 0), got {value!r}")
+    if len(set(value)) != len(value):
+        raise StudyError(f"study: {path}: {where} lists a seed twice: {value!r}")
+    return value
+
+
+def _overrides(value, where: str, path: Path) -> dict:
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or not all(isinstance(k, str) for k in value):
+        raise StudyError(f"study: {path}: {where} must be a mapping of dotted config keys to values, "
+                         f"e.g. {{model.norm: mn}}, got {value!r}")
+    for key in value:
+        if key in STUDY_OWNED:
+            raise StudyError(f"study: {path}: {where} sets {key}; {STUDY_OWNED[key]}")
+    return dict(value)
+
+
+def _set_arg(key: str, value) -> str:
+    """KEY=VALUE text that `--set` reads back as exactly `value`."""
+    text = value if isinstance(value, str) else None
+    if text is None or parse_assignment(f"{key}={text}")[1] != value:
+        text = json.dumps(value)
+    if parse_assignment(f"{key}={text}")[1] != value:
+        raise StudyError(f"study: the value of {key} ({value!r}) cannot be passed on the command line")
+    return f"{key}={text}"
+
+
+def load_study(path: str | Path) -> Study:
+    """Read and check a study file; every run's config is resolved and validated before anything runs."""
+    path = Path(path)
+    if not path.is_file():
+        raise StudyError(f"study: no such file: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise StudyError(f"study: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise StudyError(f"study: {path} must hold a mapping with keys {', '.join(KEYS)}")
+    unknown = [k for k in data if k not in KEYS]
+    if unknown:
+        raise StudyError(f"study: {path}: unknown key '{unknown[0]}' (known: {', '.join(KEYS)}; "
+                         f"config overrides go under set: or a variant)")
+    for key in ("base", "out", "variants"):
+        if key not in data:
+            raise StudyError(f"study: {path}: missing key '{key}'")
+    base, out = data["base"], data["out"]
+    if not isinstance(base, str) or not base:
+        raise StudyError(f"study: {path}: base must be the path of a config file, got {base!r}")
+    if not Path(base).is_file():
+        raise StudyError(f"study: {path}: base config {base} not found (paths are relative to the current "
+                         f"folder, {Path.cwd()})")
+    if not isinstance(out, str) or not out:
+        raise StudyError(f"study: {path}: out must be a folder path, got {out!r}")
+    seeds = _seeds(data.get("seeds", [0]), "seeds", path)
+    common = _overrides(data.get("set"), "set", path)
+    variants = data["variants"]
+    if not isinstance(variants, dict) or not variants:
+        raise StudyError(f"study: {path}: variants must be a non-empty mapping of name: {{dotted.key: value}}")
+
+    runs: list[PlannedRun] = []
+    cli = os.path.relpath(CLI) if not os.path.relpath(CLI).startswith("..") else str(CLI)
+    for name, spec in variants.items():
+        where = f"variant '{name}'"
+        if not isinstance(name, str) or not NAME.match(name):
+            raise StudyError(f"study: {path}: variant name {name!r} must be letters, digits and _ . + = - "
+                             f"(it names the run folders)")
+        spec = _overrides(spec, where, path)
+        own_seeds = _seeds(spec.pop("seeds"), f"{where} seeds", path) if "seeds" in spec else seeds
+        overrides = {**common, **spec}
+        sets = [_set_arg(k, v) for k, v in overrides.items()]
+        for seed in own_seeds:
+            run_name = f"{name}-s{seed}"
+            run_dir = Path(out) / run_name
+            try:
+                cfg = load_config(base, {**overrides, "train.seed": seed, "run_dir": str(run_dir)})
+            except UserError as e:
+                raise StudyError(f"study: {path}: {where}: {e}") from None
+            argv = [sys.executable, cli, "train", "--config", base]
+            for s in sets:
+                argv += ["--set", s]
+            argv += ["--seed", str(seed), "--out", str(run_dir), "--resume", "auto", "--quiet"]
+            runs.append(PlannedRun(run_name, name, seed, run_dir, cfg, sets, argv))
+    return Study(path, base, Path(out), runs)
+
+
+# ---------------------------------------------------------------- where each run stands
+
+def _last_logged_step(run_dir: Path) -> int:
+    last = 0
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                last = max(last, int(json.loads(line)["step"]))
+            except (ValueError, KeyError, TypeError):
+                continue
+    return last
+
+
+def run_state(run: PlannedRun) -> tuple[str, str]:
+    """("new" | "resume" | "finished" | "conflict", words for the user)."""
+    from gan import checkpoint as ckpt
+    saved_file = run.run_dir / "config.yaml"
+    if not saved_file.is_file():
+        return "new", "new"
+    has_ckpt = bool(ckpt.list_checkpoints(run.run_dir / "checkpoints"))
+    try:
+        saved = config_from_dict(yaml.safe_load(saved_file.read_text()) or {})
+        diff = config_diff(saved, run.config, RESUMABLE_CHANGES)
+    except (UserError, yaml.YAMLError):
+        diff = ["config.yaml"]
+    if diff and has_ckpt:
+        return "conflict", (f"{run.run_dir} holds a run with a different config ({', '.join(diff[:3])}); "
+                            f"move it away or change out:")
+    last = _last_logged_step(run.run_dir)
+    if not diff and last >= run.config.train.steps:
+        return "finished", f"finished (step {last})"
+    if has_ckpt:
+        return "resume", f"resume (logged up to step {last})"
+    return "new", "new"
+
+
+# ---------------------------------------------------------------- running it
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
+              echo: Callable[[str], None] = print, warn: Callable[[str], None] = print):
+    """Train every planned run that is not finished, `jobs` at a time, then compare them all.
+
+    Returns the fid CompareResult (None for a dry run)."""
+    states = {r.name: run_state(r) for r in study.runs}
+    todo = [r for r in study.runs if states[r.name][0] in ("new", "resume")]
+    conflicts = [r for r in study.runs if states[r.name][0] == "conflict"]
+    finished = len(study.runs) - len(todo) - len(conflicts)
+    echo(f"study {study.path}: {len(study.runs)} runs ({finished} finished, {len(todo)} to train"
+         + (f", {len(conflicts)} in conflict" if conflicts else "") + f"), {jobs} at a time, into {study.out}")
+    for r in study.runs:
+        echo(f"  {r.name}: {states[r.name][1]}")
+        if states[r.name][0] != "finished":
+            echo(f"    {r.command}")
+    if dry_run:
+        echo(f"then: compare {len(study.runs)} runs into {study.out / 'compare'}")
+        return None
+
+    study.out.mkdir(parents=True, exist_ok=True)
+    (study.out / "study.yaml").write_text(study.path.read_text())
+    failed = [(r, states[r.name][1]) for r in conflicts]
+    if _train_all(todo, jobs, echo, failed):
+        raise StudyInterrupted(f"study stopped; run the same command again to continue "
+                               f"(finished runs are skipped, stopped ones resume from their checkpoint)")
+
+    from gan.compare import CompareError, compare_runs
+    dirs = [r.run_dir for r in study.runs if (r.run_dir / "config.yaml").is_file()]
+    result = None
+    if dirs:
+        for metric in ("fid", "kid"):
+            try:
+                res = compare_runs(dirs, study.out / "compare", metric, warn=warn)
+            except CompareError as e:
+                warn(f"{'error' if metric == 'fid' else 'warning'}: {e}")
+                continue
+            if metric == "fid":
+                result = res
+                echo("")
+                echo(res.markdown)
+            echo(f"wrote {', '.join(str(f) for f in res.files)}")
+    if failed:
+        raise StudyError(f"study: {len(failed)} of {len(study.runs)} runs failed: "
+                         + "; ".join(f"{r.name} ({why})" for r, why in failed)
+                         + ". Run the study again to retry them")
+    if result is None:
+        raise StudyError("study: the runs finished but could not be compared (see above)")
+    return result
+
+
+def _train_all(todo: list[PlannedRun], jobs: int, echo, failed: list) -> bool:
+    """Run the subprocesses, appending failures to `failed`; True when a signal stopped the study."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # share the CPU cores instead of each run taking them all
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    queue = list(todo)
+    running: dict[str, tuple[subprocess.Popen, PlannedRun, float, object]] = {}
+    signals = []
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if len(signals) == 1:
+            print(f"\n{signal.Signals(signum).name}: stopping the study; each running run saves a checkpoint "
+                  f"(press Ctrl-C again to stop them at once)", file=sys.stderr)
+        for proc, *_ in running.values():  # runs are in their own session: the terminal's signal skips them
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    done, total = 0, len(todo)
+    try:
+        while queue or running:
+            while queue and len(running) < jobs and not signals:
+                r = queue.pop(0)
+                r.run_dir.mkdir(parents=True, exist_ok=True)
+                log = open(r.run_dir / "train.log", "a")
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {r.command}\n")
+                log.flush()
+                proc = subprocess.Popen(r.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=env, start_new_session=True)
+                running[r.name] = (proc, r, time.monotonic(), log)
+                echo(f"[{done}/{total}] start  {r.name}")
+            if signals and not running:
+                break
+            if signals:
+                queue.clear()
+            time.sleep(0.2)
+            for name, (proc, r, t0, log) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[name]
+                done += 1
+                took = _duration(time.monotonic() - t0)
+                if code == 0:
+                    echo(f"[{done}/{total}] done   {name} in {took}")
+                elif signals and code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM):
+                    echo(f"[{done}/{total}] stopped {name} after {took}")
+                else:
+                    why = f"exit {code}: {_last_line(r.run_dir / 'train.log')}; log: {r.run_dir / 'train.log'}"
+                    failed.append((r, f"exit {code}"))
+                    echo(f"[{done}/{total}] FAILED {name} after {took} ({why})")
+    finally:
+        for proc, r, t0, log in running.values():  # only on an unexpected error in this loop
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+            log.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return bool(signals)

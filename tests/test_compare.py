@@ -1,0 +1,322 @@
+"""`compare` on synthetic run folders with known numbers, and `study` planning (no training here)."""
+from __future__ import annotations
+
+import json
+import math
+import shlex
+import sys
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from cli import cli
+from gan.compare import compare_runs
+from gan.config import load_config
+from tests.conftest import ROOT
+
+
+def make_run(root, name, fids: dict, *, norm="bn", seed=0, sec=0.1, steps=None, log_every=500, **cfg):
+    """A run folder as training leaves it: config.yaml and metrics.jsonl (fid at the steps in `fids`).
+
+    Logged every `log_every` steps up to the last fid step; train_time = step * sec, kid_mean = fid / 1000."""
+    run = root / name
+    last = max(fids) if fids else log_every * 2
+    config = load_config(None, {"model.norm": norm, "train.seed": seed, "run_dir": str(run),
+                                "train.steps": steps or last, "eval.every": 1000, **cfg})
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(config.to_yaml())
+    lines = []
+    for step in range(log_every, last + 1, log_every):
+        rec = {"step": step, "loss_d": 1.2, "loss_g": 0.8, "d_real": 0.6, "d_fake": 0.4,
+               "sec_per_step": sec, "train_time": step * sec}
+        if step in fids:
+            rec.update(fid=fids[step], kid_mean=fids[step] / 1000, kid_std=0.001, num_samples=1000, ema=False)
+        lines.append(json.dumps(rec))
+    (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    return run
+
+
+@pytest.fixture
+def study_runs(tmp_path):
+    """bn: bests 40 @3000 and 44 @3000 -> target 42, reached by seed 0 only (step 3000, 300 s).
+    mn: bests 30 @4000 and 36 @4000; reaches 42 at 2000 (400 s) and 3000 (600 s): 1.2x in steps, 0.6x in time."""
+    root = tmp_path / "runs"
+    return [
+        make_run(root, "bn-s0", {1000: 100, 2000: 60, 3000: 40, 4000: 42}, norm="bn", seed=0, sec=0.1),
+        make_run(root, "bn-s1", {1000: 110, 2000: 70, 3000: 44, 4000: 45}, norm="bn", seed=1, sec=0.1),
+        make_run(root, "mn-s0", {1000: 80, 2000: 41, 3000: 35, 4000: 30}, norm="mn", seed=0, sec=0.2),
+        make_run(root, "mn-s1", {1000: 90, 2000: 50, 3000: 38, 4000: 36}, norm="mn", seed=1, sec=0.2),
+    ]
+
+
+def by_label(result):
+    return {g["label"]: g for g in result.data["groups"]}
+
+
+def test_compare_numbers(study_runs, tmp_path):
+    out = tmp_path / "cmp"
+    result = compare_runs(study_runs, out)
+    groups = by_label(result)
+    assert set(groups) == {"norm=bn", "norm=mn"}
+    assert result.data["baseline"] == "norm=bn"
+    assert result.data["target"] == pytest.approx(42.0)
+    bn, mn = groups["norm=bn"], groups["norm=mn"]
+    assert bn["seeds"] == [0, 1] and mn["seeds"] == [0, 1]
+
+    assert bn["best"]["mean"] == pytest.approx(42.0)
+    assert bn["best"]["std"] == pytest.approx(math.sqrt(8))  # sample std of 40, 44
+    assert bn["best_step"] == [3000, 3000]
+    assert bn["final"]["mean"] == pytest.approx(43.5)
+    assert bn["steps_to_target"] == {"mean": 3000, "std": None, "reached": 1, "of": 2}
+    assert bn["time_to_target"]["mean"] == pytest.approx(300.0)
+
+    assert mn["best"]["mean"] == pytest.approx(33.0)
+    assert mn["best_step"] == [4000, 4000]
+    assert mn["final"]["mean"] == pytest.approx(33.0)
+    assert mn["steps_to_target"]["mean"] == pytest.approx(2500)
+    assert mn["steps_to_target"]["std"] == pytest.approx(math.sqrt(500_000))
+    assert (mn["steps_to_target"]["reached"], mn["steps_to_target"]["of"]) == (2, 2)
+    assert mn["time_to_target"]["mean"] == pytest.approx(500.0)
+    assert mn["speedup_steps"] == pytest.approx(1.2)
+    assert mn["speedup_time"] == pytest.approx(0.6)
+    assert bn["speedup_steps"] == pytest.approx(1.0)
+    assert mn["sec_per_step"]["mean"] == pytest.approx(0.2)
+    assert bn["sec_per_step"]["mean"] == pytest.approx(0.1)
+    # The curve: mean and min..max band over seeds at each evaluation step, x in steps and in train_time.
+    assert mn["curve"]["step"] == [1000, 2000, 3000, 4000]
+    assert mn["curve"]["mean"] == pytest.approx([85, 45.5, 36.5, 33])
+    assert mn["curve"]["min"] == [80, 41, 35, 30] and mn["curve"]["max"] == [90, 50, 38, 36]
+    assert mn["curve"]["train_time"] == pytest.approx([200, 400, 600, 800])
+
+    # The same numbers in the files.
+    assert json.loads((out / "compare.json").read_text()) == json.loads(json.dumps(result.data))
+    png = (out / "compare.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+    table = (out / "compare.md").read_text()
+    assert table == result.markdown
+    rows = {line.split(" | ")[0].lstrip("| "): line.split(" | ") for line in table.splitlines()
+            if line.startswith("| norm=")}
+    assert rows["norm=bn"][1:6] == ["0, 1", "42.00 ± 2.83", "3000, 3000", "43.50 ± 2.12", "3000 (1/2 reached)"]
+    assert rows["norm=mn"][1:6] == ["0, 1", "33.00 ± 4.24", "4000, 4000", "33.00 ± 4.24", "2500 ± 707"]
+    assert rows["norm=mn"][7:9] == ["1.20×", "0.60×"]
+
+
+def test_compare_cli_kid_target_and_labels(study_runs, tmp_path):
+    """--metric kid reads kid_mean; --target overrides; extra differing keys name the groups."""
+    root = study_runs[0].parent
+    make_run(root, "mn-k2-s0", {1000: 70, 2000: 39}, norm="mn", seed=0, sec=0.25,
+             **{"model.mn.num_components": 2})
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(cli, ["compare", str(root), "--out", str(out), "--metric", "kid", "--target", "0.045"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "compare-kid.json").read_text())
+    assert (out / "compare-kid.png").is_file() and (out / "compare-kid.md").is_file()
+    assert data["metric_key"] == "kid_mean" and data["target"] == 0.045 and data["target_source"] == "--target"
+    groups = by_label(type("R", (), {"data": data}))
+    assert set(groups) == {"norm=bn", "norm=mn", "norm=mn, mn.num_components=2"}
+    assert groups["norm=bn"]["best"]["mean"] == pytest.approx(0.042)
+    assert groups["norm=bn"]["steps_to_target"]["mean"] == 3000  # 0.040 and 0.044 both <= 0.045 at 3000
+    assert groups["norm=mn, mn.num_components=2"]["steps_to_target"]["mean"] == 2000
+    assert groups["norm=mn, mn.num_components=2"]["speedup_steps"] == pytest.approx(1.5)
+    assert "| norm=mn, mn.num_components=2 | 0 | 0.0390 |" in r.output
+
+
+def test_runs_of_different_lengths_and_in_progress(tmp_path):
+    root = tmp_path / "runs"
+    runs = [
+        make_run(root, "bn-s0", {1000: 80, 2000: 55, 3000: 45, 4000: 40}, norm="bn", seed=0),
+        # Still running: train.steps is 4000, only 2000 logged.
+        make_run(root, "bn-s1", {1000: 90, 2000: 60}, norm="bn", seed=1, steps=4000),
+        make_run(root, "mn-s0", {1000: 70, 2000: 44, 3000: 39, 4000: 35, 5000: 33, 6000: 34}, norm="mn"),
+    ]
+    result = compare_runs(runs, tmp_path / "cmp")
+    bn, mn = by_label(result)["norm=bn"], by_label(result)["norm=mn"]
+    assert [r["in_progress"] for r in bn["runs"]] == [False, True] and not mn["in_progress"]
+    assert bn["best"]["mean"] == pytest.approx(50.0)  # 40 and 60 (seed 1 so far)
+    assert bn["best_step"] == [4000, 2000]
+    assert bn["final"]["mean"] == pytest.approx(50.0)
+    # The band covers the seeds that reached each step; past step 2000 only seed 0 is left.
+    assert bn["curve"]["seeds"] == [2, 2, 1, 1]
+    assert bn["curve"]["mean"] == pytest.approx([85, 57.5, 45, 40])
+    assert mn["best_step"] == [5000] and mn["final"]["mean"] == 34
+    # Target 50: bn seed 0 gets there at 3000, seed 1 not (yet); mn at 2000.
+    assert mn["steps_to_target"]["mean"] == 2000 and bn["steps_to_target"]["mean"] == 3000
+    assert bn["steps_to_target"]["reached"] == 1
+    assert mn["speedup_steps"] == pytest.approx(1.5)
+    assert "| norm=bn | 0, 1* |" in result.markdown and "still in progress" in result.markdown
+    assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
+
+
+def test_run_without_evaluations_is_skipped_with_a_warning(study_runs, tmp_path):
+    empty = make_run(study_runs[0].parent, "bn-s2", {}, norm="bn", seed=2, **{"eval.every": 0})
+    r = CliRunner().invoke(cli, ["compare", *map(str, study_runs), str(empty), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 0, r.output
+    assert f"warning: skipping {empty}: no fid evaluations (eval.every is 0)" in r.stderr
+    data = json.loads((tmp_path / "c" / "compare.json").read_text())
+    assert data["skipped"] == [{"run": str(empty), "reason": "no fid evaluations (eval.every is 0)"}]
+    assert by_label(type("R", (), {"data": data}))["norm=bn"]["seeds"] == [0, 1]
+
+
+def test_no_run_has_evaluations_is_one_clear_error(tmp_path):
+    a = make_run(tmp_path, "bn-s0", {}, norm="bn")
+    b = make_run(tmp_path, "mn-s0", {}, norm="mn")
+    r = CliRunner().invoke(cli, ["compare", str(a), str(b), "--out", str(tmp_path / "c")])
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: compare: none of the 2 runs has fid evaluations")
+    assert not (tmp_path / "c").exists()
+
+
+@pytest.mark.parametrize("key, a, b", [("eval.num_samples", 1000, 10000),
+                                       ("data.path", "data", "other"),
+                                       ("eval.reference", "train", "refs.zip")])
+def test_unrelated_runs_refused_unless_force(study_runs, tmp_path, key, a, b):
+    root = study_runs[0].parent
+    other = make_run(root, "mn-other", {1000: 50, 2000: 30}, norm="mn", **{key: b})
+    for run in study_runs:  # make the fixture's value explicit, so the test does not lean on defaults
+        cfg = yaml.safe_load((run / "config.yaml").read_text())
+        section, name = key.split(".")
+        cfg[section][name] = a
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["compare", *map(str, study_runs), str(other), "--out", str(tmp_path / "c")]
+    r = CliRunner().invoke(cli, args)
+    assert r.exit_code == 2
+    assert r.stderr.count("\n") == 1
+    assert f"runs are not comparable: {key} differs" in r.stderr and "--force" in r.stderr
+    assert not (tmp_path / "c").exists()
+
+    r = CliRunner().invoke(cli, args + ["--force"])
+    assert r.exit_code == 0, r.output
+    assert f"warning: runs are not comparable: {key} differs" in r.stderr
+    labels = set(by_label(type("R", (), {"data": json.loads((tmp_path / "c" / "compare.json").read_text())})))
+    assert len(labels) == 3 and any(key in label for label in labels)
+
+
+def test_not_a_run_folder(tmp_path):
+    (tmp_path / "empty").mkdir()
+    r = CliRunner().invoke(cli, ["compare", str(tmp_path / "empty")])
+    assert r.exit_code == 2 and "is not a run folder" in r.stderr
+
+
+# ---------------------------------------------------------------- study
+
+BASE = {"model": {"ngf": 8, "ndf": 8}, "data": {"source": "folder", "path": "imgs"},
+        "train": {"steps": 40}, "eval": {"every": 20, "num_samples": 16}}
+
+
+def write_study(tmp_path, study: dict) -> str:
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(BASE))
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(study, sort_keys=False))
+    return "study.yaml"
+
+
+STUDY = {
+    "base": "base.yaml", "out": "out", "seeds": [0, 1],
+    "set": {"train.device": "cpu"},
+    "variants": {
+        "bn": {"model.norm": "bn"},
+        "mn": {"model.norm": "mn"},
+        "mn-layer0": {"model.norm": "mn", "model.mn_layers": [0], "seeds": [0]},
+        "mn-noprior": {"model.norm": "mn", "model.mn.prior_scaling": False, "seeds": [3]},
+    },
+}
+
+
+def test_study_dry_run_lists_every_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["study", write_study(tmp_path, STUDY), "--dry-run"])
+    assert r.exit_code == 0, r.output
+    commands = [shlex.split(line.strip()) for line in r.output.splitlines() if " train --config " in line]
+    assert all(c[0] == sys.executable and c[1].endswith("cli.py") for c in commands)
+    got = [c[2:] for c in commands]
+
+    def expected(variant, seed, *sets):
+        args = ["train", "--config", "base.yaml", "--set", "train.device=cpu"]
+        for s in sets:
+            args += ["--set", s]
+        return args + ["--seed", str(seed), "--out", f"out/{variant}-s{seed}", "--resume", "auto", "--quiet"]
+    assert got == [
+        expected("bn", 0, "model.norm=bn"), expected("bn", 1, "model.norm=bn"),
+        expected("mn", 0, "model.norm=mn"), expected("mn", 1, "model.norm=mn"),
+        expected("mn-layer0", 0, "model.norm=mn", "model.mn_layers=[0]"),
+        expected("mn-noprior", 3, "model.norm=mn", "model.mn.prior_scaling=false"),
+    ]
+    assert "6 runs (0 finished, 6 to train)" in r.output
+    assert not (tmp_path / "out").exists()  # a dry run writes nothing
+
+
+def test_study_commands_rebuild_the_planned_config(tmp_path, monkeypatch):
+    """What `train --set ...` will resolve is exactly the config the study planned (values round-trip)."""
+    from cli import build_config
+    from gan.study import load_study
+    monkeypatch.chdir(tmp_path)
+    study = load_study(write_study(tmp_path, STUDY))
+    for run in study.runs:
+        argv = run.argv[2:]
+        sets = [argv[i + 1] for i, a in enumerate(argv) if a == "--set"]
+        cfg = build_config("base.yaml", None, None, None, run.seed, str(run.run_dir), None, None, sets)
+        assert cfg == run.config
+    layer0 = next(r for r in study.runs if r.variant == "mn-layer0")
+    assert layer0.config.model.mn_layers == [0] and layer0.config.train.device == "cpu"
+
+
+def test_study_skips_finished_runs(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    from gan.study import load_study
+    path = write_study(tmp_path, STUDY)
+    done = load_study(path).runs[0]  # bn-s0, as a finished run leaves its folder
+    done.run_dir.mkdir(parents=True)
+    (done.run_dir / "config.yaml").write_text(done.config.to_yaml())
+    (done.run_dir / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "fid": 50.0, "train_time": s * 0.1}) + "\n" for s in (20, 40)))
+    r = CliRunner().invoke(cli, ["study", path, "--dry-run"])
+    assert r.exit_code == 0, r.output
+    assert "  bn-s0: finished (step 40)" in r.output and "out/bn-s0 --resume" not in r.output
+    assert "  bn-s1: new" in r.output
+    assert "6 runs (1 finished, 5 to train)" in r.output
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"variant": {}}, "unknown key 'variant' (known: base, out, seeds, set, variants"),
+    ({"base": "nope.yaml"}, "base config nope.yaml not found"),
+    ({"seeds": [0, "one"]}, "seeds must be a non-empty list of seeds"),
+    ({"variants": {"mn": {"model.nrom": "mn"}}}, "variant 'mn': config: unknown key 'model.nrom'"),
+    ({"variants": {"mn": {"model.norm": "ln"}}}, "variant 'mn': config: model.norm = 'ln' is not valid"),
+    ({"variants": {"mn": {"model.mn.num_components": 0}}}, "model.mn.num_components = 0 is out of range"),
+    ({"variants": {"mn": {"train.seed": 3}}}, "variant 'mn' sets train.seed; use seeds: [...] instead"),
+    ({"variants": {"mn": {"model.norm": "mn", "seeds": []}}}, "variant 'mn' seeds must be a non-empty list"),
+    ({"variants": {"m n": {"model.norm": "mn"}}}, "variant name 'm n' must be letters"),
+    ({"variants": {"mn": "mn"}}, "variant 'mn' must be a mapping of dotted config keys"),
+    ({"variants": {}}, "variants must be a non-empty mapping"),
+    ({"set": {"run_dir": "x"}}, "set sets run_dir"),
+])
+def test_bad_study_file_fails_with_one_clear_line(tmp_path, monkeypatch, change, message):
+    monkeypatch.chdir(tmp_path)
+    r = CliRunner().invoke(cli, ["study", write_study(tmp_path, {**STUDY, **change}), "--dry-run"])
+    assert r.exit_code == 2, r.output
+    assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: study: study.yaml")
+    assert message in r.stderr
+    assert "train --config" not in r.output
+
+
+def test_shipped_study_files_plan_the_issue_runs(monkeypatch):
+    """configs/study-*-runs.yaml load, and hold bn/mn with several seeds plus the one-seed ablations."""
+    from gan.study import load_study
+    monkeypatch.chdir(ROOT)
+    cpu = load_study("configs/study-cpu-runs.yaml")
+    names = [r.name for r in cpu.runs]
+    # g_mode: train is scored from bn-s0's and mn-s0's kept checkpoints on the CPU, not retrained.
+    assert names == ["bn-s0", "bn-s1", "mn-s0", "mn-s1", "mn-layer0-s0", "mn-k2-s0", "mn-noprior-s0"]
+    c = {r.name: r.config for r in cpu.runs}
+    assert c["mn-layer0-s0"].model.mn_layers == [0] and c["mn-k2-s0"].model.mn.num_components == 2
+    assert c["mn-noprior-s0"].model.mn.prior_scaling is False
+    assert c["mn-s0"].ckpt.keep >= c["mn-s0"].train.steps // c["mn-s0"].ckpt.every
+    base = c["bn-s0"]
+    assert (base.model.ngf, base.model.ndf, base.train.batch_size, base.train.steps) == (32, 32, 64, 8000)
+    assert (base.eval.every, base.eval.num_samples, base.ckpt.every) == (1000, 1000, 1000)
+    assert base.eval.reference == "../shared/data/cifar10-jpeg75-test.zip" and base.data.source == "folder"
+    gpu = load_study("configs/study-gpu-runs.yaml")
+    g = gpu.runs[0].config
+    assert g.model.ngf == 64 and g.eval.num_samples == 10_000 and g.eval.reference == "train"
+    assert g.train.steps > base.train.steps
+    assert {r.variant for r in cpu.runs} < {r.variant for r in gpu.runs}  # plus the g_mode: train runs

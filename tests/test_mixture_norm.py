@@ -1,0 +1,421 @@
+"""MixtureNorm2d/1d (models/mixture_norm.py) against docs/mixture-normalization.md."""
+from __future__ import annotations
+
+import copy
+import itertools
+
+import pytest
+import torch
+import torch.nn as nn
+
+from models.mixture_norm import (
+    GMM,
+    MixtureNorm1d,
+    MixtureNorm2d,
+    fit_gmm,
+    gmm_posteriors,
+    mixture_normalize,
+)
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def two_mode_batch(n=16, c=4, h=4, w=4, weight=0.3):
+    """(N, C, H, W) samples from a 2-component diagonal mixture with known means."""
+    mu = torch.stack([torch.linspace(-2.0, 1.0, c), torch.linspace(3.0, -1.0, c)])  # (2, C)
+    z = (torch.rand(n, 1, h, w) < weight).long()  # component of each sample
+    means = mu[z.squeeze(1)].permute(0, 3, 1, 2)  # (N, C, H, W)
+    return means + 0.25 * torch.randn(n, c, h, w), mu
+
+
+def train_steps(m: nn.Module, steps=3, shape=(8, 6, 5, 5)):
+    m.train()
+    for _ in range(steps):
+        x = torch.randn(shape) * 2 + 1
+        m(x).square().mean().backward()
+    return m
+
+
+# --------------------------------------------------------------------------------------
+# K = 1 is BatchNorm
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mn_cls,bn_cls,shape,fmt", [
+    (MixtureNorm2d, nn.BatchNorm2d, (8, 6, 5, 5), torch.contiguous_format),
+    (MixtureNorm2d, nn.BatchNorm2d, (8, 6, 5, 5), torch.channels_last),  # the trainer's layout
+    (MixtureNorm1d, nn.BatchNorm1d, (32, 6), torch.contiguous_format),
+])
+def test_k1_equals_batchnorm(mn_cls, bn_cls, shape, fmt):
+    c = shape[1]
+    bn, mn = bn_cls(c), mn_cls(c, num_components=1)
+    with torch.no_grad():  # non-trivial affine, identical in both
+        w, b = torch.rand(c) + 0.5, torch.randn(c)
+        bn.weight.copy_(w), mn.weight.copy_(w), bn.bias.copy_(b), mn.bias.copy_(b)
+    tol = dict(rtol=1e-5, atol=1e-5)
+    for _ in range(4):
+        x = (torch.randn(shape) * 2 + 3).contiguous(memory_format=fmt)
+        xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(shape).contiguous(memory_format=fmt)
+        yb, ym = bn(xb), mn(xm)
+        (yb * g).sum().backward()
+        (ym * g).sum().backward()
+        torch.testing.assert_close(ym, yb, **tol)
+        torch.testing.assert_close(xm.grad, xb.grad, **tol)
+        torch.testing.assert_close(mn.weight.grad, bn.weight.grad, **tol)
+        torch.testing.assert_close(mn.bias.grad, bn.bias.grad, **tol)
+    torch.testing.assert_close(mn.running_E[0], bn.running_mean, **tol)
+    torch.testing.assert_close(mn.running_V[0], bn.running_var, **tol)
+    assert int(mn.num_batches_tracked) == int(bn.num_batches_tracked) == 4
+
+    bn.eval(), mn.eval()
+    x = (torch.randn(shape) * 2 + 3).contiguous(memory_format=fmt)
+    xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yb, ym = bn(xb), mn(xm)
+    yb.sum().backward(), ym.sum().backward()
+    torch.testing.assert_close(ym, yb, **tol)
+    torch.testing.assert_close(xm.grad, xb.grad, **tol)
+
+
+# --------------------------------------------------------------------------------------
+# Posteriors, tauhat, E_k, V_k
+# --------------------------------------------------------------------------------------
+
+
+def test_posteriors_and_tauhat_normalized():
+    x, _ = two_mode_batch(n=8, c=5)
+    m = MixtureNorm2d(5, num_components=3)
+    y, info = m.forward_with_info(x)
+    assert info["tau"].shape == (8, 3, 4, 4)
+    tau, n = info["tau"].reshape(8, 3, 16), info["n"]
+    torch.testing.assert_close(tau.sum(1), torch.ones(8, 16))
+    tauhat = tau / n[None, :, None]
+    torch.testing.assert_close(tauhat.sum((0, 2)), torch.ones(3))
+    # E_k and V_k are the tauhat-weighted moments of the spec (computed naively here).
+    xs = x.reshape(8, 5, 16)  # (x is channels-last here: the layout the trainer uses)
+    assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    E = torch.einsum("nkl,ncl->kc", tauhat, xs)
+    V = torch.einsum("nkl,nkcl->kc", tauhat, (xs[:, None] - E[None, :, :, None]) ** 2)
+    torch.testing.assert_close(info["E"], E, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(info["V"], V, rtol=1e-4, atol=1e-5)
+    # ... and the output is the spec's xhat with these statistics.
+    w = tau * info["scale"][None, :, None]  # tau_k / sqrt(lambda_k)
+    xhat = torch.einsum("nkl,nkcl->ncl", w, (xs[:, None] - E[None, :, :, None])
+                        / (V[None, :, :, None] + m.eps).sqrt())
+    torch.testing.assert_close(y.reshape(8, 5, 16), xhat, rtol=1e-4, atol=1e-4)
+    # Posteriors of the public helper agree with the layer's.
+    gmm = GMM(info["lam"], info["mu"], info["sigma2"])
+    tau2 = gmm_posteriors(xs.transpose(1, 2).reshape(-1, 5), gmm)
+    torch.testing.assert_close(tau2, tau.transpose(1, 2).reshape(-1, 3), rtol=1e-4, atol=1e-5)
+
+    m.eval()
+    _, info = m.forward_with_info(x)
+    torch.testing.assert_close(info["tau"].sum(1), torch.ones(8, 4, 4))
+
+
+# --------------------------------------------------------------------------------------
+# Degenerate inputs
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("em_samples", [4096, 32])  # EM on the whole batch / on a subsample
+def test_collapsed_component_is_finite_and_reseeded(em_samples):
+    c = 8
+    m = MixtureNorm2d(c, num_components=3, dead_steps=2, em_samples=em_samples)
+    x, _ = two_mode_batch(n=8, c=c)
+    x = x + 20.0  # far from 0, so that coordinates that are off by the mean show
+    m(x)  # initializes the GMM
+    with torch.no_grad():  # component 2: no mass, far away, collapsed variance
+        m.gmm_lambda.copy_(torch.tensor([0.5, 0.5, 0.0]))
+        m.gmm_mu[2].fill_(1e3)
+        m.gmm_sigma2[2].fill_(1e-12)
+        m.running_lambda.copy_(m.gmm_lambda)
+        m.running_mu.copy_(m.gmm_mu)
+        m.running_sigma2.copy_(m.gmm_sigma2)
+    E0, E2, V2 = m.running_E[0].clone(), m.running_E[2].clone(), m.running_V[2].clone()
+    for step in range(2):
+        xi = x.clone().requires_grad_()
+        y, info = m.forward_with_info(xi)
+        y.square().sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
+        assert info["n"][2] < 1.0  # the transform really ran with an (almost) empty component
+    # Too little mass for the unbiased correction (n_k <= 2): running E_k, V_k kept as they were.
+    assert torch.equal(m.running_E[2], E2) and torch.equal(m.running_V[2], V2)
+    assert not torch.equal(m.running_E[0], E0)  # while live components are updated
+    # Dead for dead_steps steps -> reseeded k-means++ style: at one of the batch's samples,
+    # with its weight restored.
+    assert int(m.dead_count[2]) == 0 and m.gmm_lambda[2] > 0.1
+    dist_to_samples = (x.permute(0, 2, 3, 1).reshape(-1, c) - m.gmm_mu[2]).abs().amax(1)
+    assert dist_to_samples.min() < 1e-4
+    m.eval()
+    assert torch.isfinite(m(x)).all()
+
+    # A point mass: half the samples identical, so a component collapses onto them.
+    x = torch.randn(8, c, 4, 4)
+    x[:4] = 0.7
+    m = MixtureNorm2d(c, em_samples=em_samples)
+    for _ in range(5):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
+    assert torch.isfinite(m.gmm_sigma2).all() and (m.gmm_sigma2 > 0).all()
+    m.eval()
+    assert torch.isfinite(m(x)).all()
+
+
+def test_constant_channels_are_finite():
+    x = torch.randn(8, 6, 4, 4)
+    x[:, 0] = 0.0
+    x[:, 1] = 5.0
+    m = MixtureNorm2d(6)
+    for _ in range(3):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
+        assert y[:, :2].abs().max() < 1e-3  # a constant channel normalizes to ~beta = 0
+    m.eval()
+    assert torch.isfinite(m(x)).all()
+
+
+@pytest.mark.parametrize("cls,shape", [(MixtureNorm2d, (8, 6, 4, 4)), (MixtureNorm1d, (16, 6))])
+def test_batch_size_one_eval(cls, shape):
+    m = train_steps(cls(6), shape=shape)
+    m.eval()
+    y = m(torch.randn(1, *shape[1:]))
+    assert y.shape == (1, *shape[1:]) and torch.isfinite(y).all()
+    m.train()
+    if len(shape) == 2:  # like BN: one value per channel cannot be normalized in training
+        with pytest.raises(ValueError):
+            m(torch.randn(1, 6))
+
+
+# --------------------------------------------------------------------------------------
+# EM
+# --------------------------------------------------------------------------------------
+
+
+def _match(est: torch.Tensor, true: torch.Tensor) -> torch.Tensor:
+    """est rows reordered to best match true's rows."""
+    best = min(itertools.permutations(range(len(true))),
+               key=lambda p: (est[list(p)] - true).abs().sum().item())
+    return est[list(best)]
+
+
+def test_em_recovers_mixture_means():
+    m = MixtureNorm2d(4, num_components=2, momentum=0.3)
+    for _ in range(15):
+        x, mu = two_mode_batch(n=16, c=4, h=8, w=8, weight=0.3)  # 1024 samples
+        m(x)
+    torch.testing.assert_close(_match(m.gmm_mu, mu), mu, atol=0.1, rtol=0)
+    torch.testing.assert_close(_match(m.running_mu, mu), mu, atol=0.1, rtol=0)
+    lam = m.gmm_lambda if (m.gmm_mu[0] - mu[0]).abs().sum() < 1 else m.gmm_lambda.flip(0)
+    torch.testing.assert_close(lam, torch.tensor([0.7, 0.3]), atol=0.06, rtol=0)
+    torch.testing.assert_close(_match(m.gmm_sigma2, torch.full((2, 4), 0.0625)),
+                               torch.full((2, 4), 0.0625), atol=0.02, rtol=0)
+    # The reusable fitter (used by diagnose) gives the same answer on (M, C) rows.
+    x, mu = two_mode_batch(n=16, c=4, h=8, w=8, weight=0.3)
+    gmm = fit_gmm(x.permute(0, 2, 3, 1).reshape(-1, 4), num_components=2)
+    torch.testing.assert_close(_match(gmm.mu, mu), mu, atol=0.1, rtol=0)
+
+
+# --------------------------------------------------------------------------------------
+# Eval mode
+# --------------------------------------------------------------------------------------
+
+
+def test_eval_output_independent_of_batch():
+    m = train_steps(MixtureNorm2d(6))
+    m.eval()
+    x = torch.randn(8, 6, 5, 5) * 2 + 1
+    y = m(x)
+    for i in (0, 5):
+        torch.testing.assert_close(m(x[i:i + 1]), y[i:i + 1], rtol=1e-5, atol=1e-5)
+    y_cl = m(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+    # track_running_stats=False: eval normalizes with the batch, like BN.
+    m = train_steps(MixtureNorm2d(6, track_running_stats=False))
+    m.eval()
+    assert m.running_E is None
+    y = m(x)
+    torch.testing.assert_close(y.mean((0, 2, 3)).abs().max(), torch.tensor(0.0), atol=0.5, rtol=0)
+    assert not torch.allclose(m(x[:1]), y[:1], atol=1e-3)
+
+
+# --------------------------------------------------------------------------------------
+# Gradients
+# --------------------------------------------------------------------------------------
+
+
+def test_gradcheck_detached_posteriors():
+    """detach_posteriors=True: the hand-written backward is the exact gradient at fixed tau."""
+    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    scale = torch.rand(3, dtype=torch.float64) + 0.5
+    tau = torch.softmax(2 * torch.randn(3, 3, 5, dtype=torch.float64), 1)
+    shift = torch.randn(4, dtype=torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: mixture_normalize(x, tau, scale, w, b, shift=shift), (x, w, b))
+    # ... also when a component is (almost) empty and the n_k clamp is active.
+    tau_empty = tau.clone()
+    tau_empty[:, 2] *= 1e-3
+    tau_empty /= tau_empty.sum(1, keepdim=True)
+    assert tau_empty[:, 2].sum() < 1
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: mixture_normalize(x, tau_empty, scale, w, b, shift=shift), (x, w, b))
+    # The module uses exactly this function with tau held fixed.
+    m = MixtureNorm2d(4).double()
+    xm = torch.randn(3, 4, 2, 3, dtype=torch.float64, requires_grad=True)
+    y, info = m.forward_with_info(xm)
+    xr = xm.detach().clone().requires_grad_()
+    y_ref = mixture_normalize(xr.reshape(3, 4, 6), info["tau"].reshape(3, 3, 6), info["scale"], m.weight, m.bias,
+                              detach_posteriors=False)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    (y_ref.reshape(y.shape) * g).sum().backward()
+    torch.testing.assert_close(y, y_ref.reshape(y.shape))
+    torch.testing.assert_close(xm.grad, xr.grad)
+    # Same numbers when the input is channels-last (another code path: one GEMM per sum).
+    m.zero_grad()
+    m_cl = copy.deepcopy(m)
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+    x1 = x.clone().requires_grad_()
+    x2 = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    y1, y2 = m(x1), m_cl(x2)
+    (y1 * g).sum().backward()
+    (y2 * g).sum().backward()
+    torch.testing.assert_close(y2, y1)
+    torch.testing.assert_close(x2.grad, x1.grad)
+    torch.testing.assert_close(m_cl.weight.grad, m.weight.grad)
+
+
+def test_gradcheck_through_posteriors():
+    """detach_posteriors=False: the full layer (GMM frozen with em_steps=0) passes gradcheck."""
+    m = MixtureNorm2d(4, em_steps=0, detach_posteriors=False).double()
+    with torch.no_grad():
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.normal_()
+    x = torch.randn(4, 4, 3, 3, dtype=torch.float64)
+    m(x)  # initializes the GMM, which em_steps=0 then keeps fixed
+    x_cl = x.contiguous(memory_format=torch.channels_last).requires_grad_()
+    x.requires_grad_()
+    assert torch.autograd.gradcheck(m, (x,))
+    assert torch.autograd.gradcheck(m, (x_cl,))
+    m.eval()
+    assert torch.autograd.gradcheck(m, (x,))
+
+
+# --------------------------------------------------------------------------------------
+# State
+# --------------------------------------------------------------------------------------
+
+
+def test_state_dict_roundtrip_and_exact_resume(tmp_path):
+    a = train_steps(MixtureNorm2d(6))
+    path = tmp_path / "mn.pt"
+    torch.save(a.state_dict(), path)
+    b = MixtureNorm2d(6)
+    b.load_state_dict(torch.load(path, weights_only=True))
+    keys = set(a.state_dict())
+    assert {"weight", "bias", "gmm_lambda", "gmm_mu", "gmm_sigma2", "initialized", "dead_count",
+            "running_lambda", "running_mu", "running_sigma2", "running_E", "running_V",
+            "num_batches_tracked"} <= keys
+    x = torch.randn(8, 6, 5, 5)
+    a.eval(), b.eval()
+    torch.testing.assert_close(b(x), a(x), rtol=0, atol=0)
+    # Resume: the same RNG state gives the same training step (subsampling included).
+    a.train(), b.train()
+    x = torch.randn(64, 6, 16, 16)  # 16384 samples > em_samples: EM subsamples
+    torch.manual_seed(1)
+    ya = a(x)
+    torch.manual_seed(1)
+    yb = b(x)
+    torch.testing.assert_close(yb, ya, rtol=0, atol=0)
+    for k, v in a.state_dict().items():
+        torch.testing.assert_close(b.state_dict()[k], v, rtol=0, atol=0, msg=k)
+
+
+# --------------------------------------------------------------------------------------
+# Mixed precision, training
+# --------------------------------------------------------------------------------------
+
+
+def test_autocast_bfloat16():
+    conv, m = nn.Conv2d(3, 8, 3, padding=1), MixtureNorm2d(8)
+    x = torch.randn(4, 3, 8, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        h = conv(x)
+        y = m(h)
+    assert h.dtype == torch.bfloat16 and y.dtype == torch.bfloat16
+    assert torch.isfinite(y.float()).all()
+    y.float().square().mean().backward()
+    assert torch.isfinite(conv.weight.grad).all() and torch.isfinite(m.weight.grad).all()
+    # Statistics are float32: a float32 run on the same input is close.
+    y32 = MixtureNorm2d(8)
+    y32.load_state_dict(m.state_dict())
+    m.eval(), y32.eval()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_bf = m(h.detach())
+    torch.testing.assert_close(y_bf.float(), y32(h.detach().float()), atol=0.05, rtol=0.05)
+
+
+class MiniGenerator(nn.Module):
+    def __init__(self, z_dim=16, width=16, k=3):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.ConvTranspose2d(z_dim, 4 * width, 4, 1, 0, bias=False), MixtureNorm2d(4 * width, k), nn.ReLU(True),
+            nn.ConvTranspose2d(4 * width, 2 * width, 4, 2, 1, bias=False), MixtureNorm2d(2 * width, k), nn.ReLU(True),
+            nn.ConvTranspose2d(2 * width, width, 4, 2, 1, bias=False), MixtureNorm2d(width, k), nn.ReLU(True),
+            nn.ConvTranspose2d(width, 3, 4, 2, 1, bias=False), nn.Tanh(),
+        )
+
+    def forward(self, z):
+        return self.net(z[:, :, None, None])
+
+
+def _train_gan(G: nn.Module, z_dim: int, steps: int) -> None:
+    D = nn.Sequential(nn.Conv2d(3, 8, 4, 2, 1), nn.LeakyReLU(0.2), nn.Conv2d(8, 16, 4, 2, 1),
+                      nn.LeakyReLU(0.2), nn.Flatten(), nn.Linear(16 * 8 * 8, 1))
+    opt_g = torch.optim.Adam(G.parameters(), 2e-4, betas=(0.5, 0.999))
+    opt_d = torch.optim.Adam(D.parameters(), 2e-4, betas=(0.5, 0.999))
+    real = torch.rand(16, 3, 32, 32) * 2 - 1
+    before = [p.detach().clone() for p in G.parameters()]
+    bce = nn.functional.binary_cross_entropy_with_logits
+    for _ in range(steps):
+        fake = G(torch.randn(16, z_dim))
+        assert torch.isfinite(fake).all()
+        d_loss = bce(D(real), torch.ones(16, 1)) + bce(D(fake.detach()), torch.zeros(16, 1))
+        opt_d.zero_grad(), d_loss.backward(), opt_d.step()
+        g_loss = bce(D(fake), torch.ones(16, 1))
+        opt_g.zero_grad(), g_loss.backward(), opt_g.step()
+        assert torch.isfinite(g_loss) and torch.isfinite(d_loss)
+        assert all(torch.isfinite(p.grad).all() for p in G.parameters())
+    assert all(not torch.equal(a, p) for a, p in zip(before, G.parameters()))
+    G.eval()
+    with torch.no_grad():
+        assert torch.isfinite(G(torch.randn(16, z_dim))).all()
+        assert torch.isfinite(G(torch.randn(1, z_dim))).all()
+    G.train()
+
+
+@pytest.mark.parametrize("fmt", [torch.contiguous_format, torch.channels_last])
+def test_mini_dcgan_trains(fmt):
+    G = MiniGenerator().to(memory_format=fmt)
+    _train_gan(G, 16, steps=20)
+    mns = [m for m in G.modules() if isinstance(m, MixtureNorm2d)]
+    assert all(int(m.num_batches_tracked) == 20 for m in mns)
+    assert all(torch.isfinite(m.running_V).all() and torch.isfinite(m.running_mu).all() for m in mns)
+
+
+def test_project_generator_with_mn_trains():
+    from models.dcgan import Generator, dcgan_init
+
+    G = Generator(z_dim=16, ngf=8, norm="mn")
+    dcgan_init(G)
+    assert sum(isinstance(m, MixtureNorm2d) for m in G.modules()) == 3
+    _train_gan(G, 16, steps=5)
