@@ -24,7 +24,8 @@ def user_errors(fn):
         except UserError as e:
             if debug:
                 raise
-            click.echo(f"error: {e}", err=True)
+            if not (getattr(e, "shared", False) and not _is_main_process()):  # torchrun: said once, by rank 0
+                click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             if debug:
@@ -40,6 +41,11 @@ def user_errors(fn):
             click.echo(f"error: cannot write {e.filename or 'output'}: {e.strerror}", err=True)
             sys.exit(1)
     return click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")(wrapper)
+
+
+def _is_main_process() -> bool:
+    import os
+    return os.environ.get("RANK", "0") == "0"  # torchrun's global rank (the process group may be gone)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -104,12 +110,22 @@ def train(config_path, norm, steps, batch_size, seed, out, device, data, sets, r
 
     FID/KID are computed every eval.every steps against the reference images (eval.reference).
     Ctrl-C (or SIGTERM) saves a checkpoint first; continue with --resume auto.
+
+    Several GPUs or machines: start it with torchrun (`torchrun --nproc_per_node N cli.py train ...`);
+    train.batch_size is then the global batch, split across the N processes; rank 0 writes the files.
     """
-    from gan.train import Trainer
+    from gan import distributed
+    from gan.train import Trainer, resolve_device
     cfg = build_config(config_path, norm, steps, batch_size, seed, out, device, data, sets)
-    trainer = Trainer(cfg, resume=resume, overwrite=overwrite, wandb_mode=wandb_mode, progress=not quiet)
-    summary = trainer.run()
-    click.echo(json.dumps(summary))
+    distributed.setup(resolve_device(cfg.train.device).type, cfg.train.dist_timeout)  # no-op without torchrun
+    main = distributed.is_main()
+    try:
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite, wandb_mode=wandb_mode, progress=not quiet)
+        summary = trainer.run()
+    finally:
+        distributed.teardown()
+    if main:
+        click.echo(json.dumps(summary))
 
 
 @cli.command()

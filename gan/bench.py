@@ -178,6 +178,7 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
 
 def bench_eval(device: torch.device, num_images: int, repeats: int) -> list[Row]:
     import torch_fidelity
+    from gan.inception import weights_for_torch_fidelity
     from gan.metrics import Evaluator, resolve_inception_weights
     from gan.sampling import generate, to_uint8
     from models.dcgan import Generator, dcgan_init
@@ -199,6 +200,7 @@ def bench_eval(device: torch.device, num_images: int, repeats: int) -> list[Row]
             return self.x[i]
 
     with tempfile.TemporaryDirectory() as tmp:
+        their_weights = weights_for_torch_fidelity(weights, tmp)
         ev = Evaluator(weights, device, lambda: real, f"bench-{num_images}", cache_dir=tmp, verbose=False)
         theirs = {}
 
@@ -209,7 +211,7 @@ def bench_eval(device: torch.device, num_images: int, repeats: int) -> list[Row]
         def theirs_fn():
             theirs.update(torch_fidelity.calculate_metrics(
                 input1=Images(fake), input2=Images(real), fid=True, cuda=device.type == "cuda",
-                feature_extractor_weights_path=weights.path, cache=False, verbose=False))
+                feature_extractor_weights_path=their_weights, cache=False, verbose=False))
         t_ours, t_theirs = _alternate(ours_fn, theirs_fn, repeats, device)
         fid_ours = ev.score(fake)["fid"]
     fid_theirs = theirs["frechet_inception_distance"]

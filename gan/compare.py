@@ -28,7 +28,8 @@ METRICS = {"fid": "fid", "kid": "kid_mean"}
 # Keys that never separate groups: the seed, the folder, and settings that leave the maths alone.
 # (train.steps is here so that runs of different lengths still group together.)
 NOT_GROUPING = ("run_dir", "train.seed", "train.steps", "train.device", "train.threads", "train.compile",
-                "data.download", "data.on_device", "eval.every", "metrics.cache_dir", "metrics.allow_download")
+                "train.dist_timeout", "data.download", "data.on_device", "eval.every", "metrics.cache_dir",
+                "metrics.allow_download")
 NOT_GROUPING_PREFIXES = ("log.", "ckpt.")
 # Keys that must agree for numbers to be comparable at all (else refuse unless --force).
 MUST_MATCH = ("data.source", "data.path", "data.split", "eval.reference", "eval.reference_samples",

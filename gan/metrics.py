@@ -27,7 +27,8 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from tqdm.auto import tqdm
 
-from gan.inception import (InceptionExtractor, InceptionWeights, atomic_torch_save, default_cache_dir,
+from gan.checkpoint import atomic_save
+from gan.inception import (InceptionExtractor, InceptionWeights, default_cache_dir,
                            resolve_inception_weights)
 
 __all__ = ["InceptionWeights", "resolve_inception_weights", "Evaluator", "IS_UNAVAILABLE_MESSAGE"]
@@ -166,7 +167,8 @@ class Evaluator:
                 "mu": torch.from_numpy(stats["mu"]),
                 "sigma": torch.from_numpy(stats["sigma"]),
             }
-            atomic_torch_save(ref, path)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            atomic_save(ref, path)
             if self.verbose:
                 print(f"Cached reference statistics ({ref['num_samples']} images) at {path}", file=sys.stderr)
         self._ref = ref
@@ -176,8 +178,17 @@ class Evaluator:
     def score(self, images: torch.Tensor) -> dict:
         """FID, KID (and IS with the head) of uint8 images (N,3,H,W) against the reference set."""
         _check_images(images, "score")
+        self.prepare_reference()  # first: on a cache miss it extracts the real images' features
+        return self.score_features(*self._extract(images, "Inception features"))
+
+    def inception_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pool features, logits or None) of uint8 images; what score_features takes, e.g. gathered
+        from several processes."""
+        return self._extract(images, "Inception features")
+
+    def score_features(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> dict:
+        """FID, KID (and IS with the head) from Inception outputs already computed."""
         ref = self.prepare_reference()
-        feats, logits = self._extract(images, "Inception features")
         n = int(feats.shape[0])
 
         ref_stats = {"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()}

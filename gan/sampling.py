@@ -8,7 +8,7 @@ from typing import Callable
 import torch
 
 from gan.config import Config
-from gan.data import ImageData, dataset_identity, load_dataset
+from gan.data import IMAGE_SIZE, ImageData, dataset_identity, load_dataset
 from gan.errors import UserError
 
 
@@ -19,18 +19,23 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def generate(G: torch.nn.Module, num: int, z_dim: int, seed: int, device: torch.device,
-             batch_size: int = 500, g_mode: str = "eval") -> torch.Tensor:
-    """`num` images in [-1, 1] from fixed noise; the caller's RNG streams and G are left untouched."""
+             batch_size: int = 500, g_mode: str = "eval", start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """`num` images in [-1, 1] from fixed noise; the caller's RNG streams and G are left untouched.
+
+    start/stop: only images [start, stop) of those `num` (one process's share); with start a multiple
+    of batch_size they come from the same forward batches, so the same pixels, as in the full call.
+    """
     if g_mode == "train":
         G = copy.deepcopy(G)  # batch statistics without touching the real model's running state
     was_training = G.training
     G.train(g_mode == "train")
-    z = torch.randn(num, z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    stop = num if stop is None else stop
+    z = torch.randn(num, z_dim, generator=torch.Generator().manual_seed(seed))[start:stop].to(device)
     forked = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=forked):  # MN's EM subsampling draws from the global RNG
-        out = torch.cat([G(z[i:i + batch_size]).float() for i in range(0, num, batch_size)])
+        out = [G(z[i:i + batch_size]).float() for i in range(0, len(z), batch_size)]
     G.train(was_training)
-    return out
+    return torch.cat(out) if out else torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
 
 
 def build_reference(cfg: Config, train_data: Callable[[], ImageData] | None = None

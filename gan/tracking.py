@@ -111,3 +111,19 @@ class RunLogger:
     def close(self) -> None:
         self._wandb_call(lambda: self._wandb.finish())
         self._wandb = None
+
+
+class NullLogger:
+    """What the processes other than rank 0 log to under torchrun: nothing."""
+
+    def log(self, step: int, values: dict) -> None:
+        pass
+
+    def samples(self, step: int, images: torch.Tensor, caption: str) -> None:
+        return None
+
+    def summary(self, values: dict) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

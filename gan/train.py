@@ -1,6 +1,7 @@
 """The training loop: one class that owns the models, the loop, checkpoints, evaluation and logging."""
 from __future__ import annotations
 
+import math
 import signal
 import sys
 import time
@@ -12,12 +13,18 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gan import checkpoint as ckpt
+from gan import distributed
 from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict
 from gan.data import BatchStream, ImageData, load_dataset
 from gan.errors import UserError
 from gan.sampling import build_reference, generate, to_uint8
 from gan.tracking import RunLogger
 from models.dcgan import build_models
+
+
+# The noise z comes from its own generator, seeded from train.seed, so that N processes draw the same
+# global batch of z (each uses its rows) and MN's draws from the global RNG do not shift it.
+NOISE_SEED_OFFSET = 1_000_003
 
 
 class Diverged(UserError):
@@ -53,26 +60,36 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False,
                  wandb_mode: str | None = None, progress: bool = True, data: ImageData | None = None):
-        from gan.tracking import resolve_wandb_mode
+        from gan.tracking import NullLogger, resolve_wandb_mode
         self.cfg = cfg
-        self.progress = progress
-        self.device = resolve_device(cfg.train.device)
+        # Under torchrun (gan/distributed.py): this process's rank of `world`; rank 0 alone writes files.
+        self.world, self.rank = distributed.world_size(), distributed.rank()
+        self.is_main = self.rank == 0
+        self.progress = progress and self.is_main
+        self.device = distributed.local_device(resolve_device(cfg.train.device))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = cfg.resolved_run_dir
         self.ckpt_dir = self.run_dir / "checkpoints"
-        state = self._prepare_run_dir(resume, overwrite)
+        distributed.check_same_config(cfg.to_dict())
+        # Rank 0 checks and prepares the run folder and reads the checkpoint; every rank gets its state.
+        state = distributed.on_main(lambda: self._prepare_run_dir(resume, overwrite))
 
         torch.manual_seed(cfg.train.seed)
         # `data` lets benchmarks and tests hand over images that are already in memory.
         self.data = data or load_dataset(cfg.data.source, cfg.data.path, cfg.data.split, cfg.data.download,
-                                         cfg.data.resize, progress)
+                                         cfg.data.resize, self.progress)
         images = self.data.images
         if self.device.type == "cuda" and cfg.data.on_device:
             images = images.to(self.device)
-        self.stream = BatchStream(images, cfg.train.batch_size, cfg.train.seed, cfg.data.hflip, self.device)
+        self.stream = BatchStream(images, cfg.train.batch_size, cfg.train.seed, cfg.data.hflip, self.device,
+                                  self.rank, self.world)
 
         self.G, self.D = build_models(cfg)
+        if self.world > 1 and cfg.model.sync_norm:
+            # Both networks: D's BN must see the global batch too for N processes to equal one.
+            distributed.sync_norms(self.G)
+            distributed.sync_norms(self.D)
         self.G.to(self.device)
         self.D.to(self.device)
         if cfg.train.channels_last:
@@ -92,6 +109,9 @@ class Trainer:
             self._compile()
         # First step whose loss or gradient was not finite, kept on the device so the hot loop never syncs.
         self._first_bad = torch.tensor(-1, device=self.device)
+        self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed + NOISE_SEED_OFFSET)
+        per_rank = cfg.train.batch_size // self.world
+        self._z_rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
         self.step = 0
         self.train_time = 0.0
@@ -99,11 +119,19 @@ class Trainer:
         self.best: dict | None = None
         if state is not None:
             self._restore(state)
+        # The modules that train: DDP wrappers (gradients averaged over ranks) under torchrun, else G and D.
+        # Synchronized norms keep buffers equal on every rank, so DDP need not broadcast them.
+        self.g_train = distributed.wrap(self.G, self.device, broadcast_buffers=not cfg.model.sync_norm)
+        self.d_train = distributed.wrap(self.D, self.device, broadcast_buffers=not cfg.model.sync_norm)
         self.fixed_z_seed = cfg.train.seed + 10_007
         self.evaluator = None
-        self.logger = RunLogger(self.run_dir, cfg.to_dict(), resolve_wandb_mode(wandb_mode, cfg.log.wandb),
-                                cfg.log.wandb_project, self.step if state is not None else None)
+        if self.is_main:
+            self.logger = RunLogger(self.run_dir, cfg.to_dict(), resolve_wandb_mode(wandb_mode, cfg.log.wandb),
+                                    cfg.log.wandb_project, self.step if state is not None else None)
+        else:
+            self.logger = NullLogger()
         self._stop_signal: int | None = None
+        self._signal_time = 0.0
 
     # ------------------------------------------------------------------ run folder and resume
 
@@ -186,9 +214,17 @@ class Trainer:
         self.train_time = state.get("train_time", 0.0)
         self.history = list(state.get("history", []))
         self.best = state.get("best")
+        # Under torchrun every rank restores rank 0's RNG states (MN's EM subsampling uses the global one).
         torch.set_rng_state(state["rng"]["torch"])
         if self.device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"], self.device)
+        try:
+            self.noise.set_state(state["rng"]["noise"])
+        except (KeyError, RuntimeError):  # an older checkpoint, or one from another device type
+            if self.is_main:
+                print("warning: the checkpoint holds no noise stream for this device type (an older checkpoint, "
+                      "or another device); noise continues from a fresh stream", file=sys.stderr)
+            self.noise.manual_seed(self.cfg.train.seed + NOISE_SEED_OFFSET + self.step)
 
     def state_dict(self) -> dict:
         cuda_rng = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
@@ -198,11 +234,13 @@ class Trainer:
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
-            "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng},
+            "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "noise": self.noise.get_state()},
             "history": self.history, "best": self.best, "train_time": self.train_time,
         }
 
     def save(self) -> Path:
+        if not self.is_main:  # rank 0 writes for everyone
+            return ckpt.step_path(self.ckpt_dir, self.step)
         return ckpt.save_checkpoint(self.state_dict(), self.ckpt_dir, self.cfg.ckpt.keep)
 
     # ------------------------------------------------------------------ one step
@@ -214,9 +252,11 @@ class Trainer:
 
     def _d_step(self, real: torch.Tensor, z: torch.Tensor):
         with self._autocast():
-            fake = self.G(z)
-            d_real = self.D(real).float()
-            d_fake = self.D(fake.detach()).float()
+            fake = self.g_train(z)
+            # Two forwards (BN sees real and fake batches apart, as in the DCGAN example), one backward:
+            # DDP's hooks fire once per parameter with the sum of both uses' gradients.
+            d_real = self.d_train(real).float()
+            d_fake = self.d_train(fake.detach()).float()
             # Non-saturating GAN loss; softplus(-x) is BCE-with-logits against 1, softplus(x) against 0.
             loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         self._apply(self.opt_d, self.D, loss_d)
@@ -224,6 +264,8 @@ class Trainer:
 
     def _g_step(self, fake: torch.Tensor):
         with self._autocast():
+            # D itself, not its DDP wrapper: D's gradients from this pass are discarded, so averaging them
+            # over ranks would be wasted traffic. Its synchronized BN still normalizes with global statistics.
             loss_g = F.softplus(-self.D(fake).float()).mean()
         self._apply(self.opt_g, self.G, loss_g)
         self.scaler.update()
@@ -239,9 +281,10 @@ class Trainer:
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             finite = finite & torch.isfinite(torch.stack([g.float().norm() for g in grads]).sum())
         if self.cfg.train.on_nan == "skip":
-            # This mode pays a host sync per update to keep a bad batch out of the weights.
-            if not finite.item():
-                if not self._skipped:  # one line per step, though D's and G's updates may both go
+            # This mode pays a host sync per update to keep a bad batch out of the weights;
+            # under torchrun the ranks agree, so that all of them skip the update or none does.
+            if not distributed.all_true(bool(finite.item())):
+                if not self._skipped and self.is_main:  # one line per step (D and G may both skip)
                     print(f"warning: non-finite loss or gradient at step {self.step + 1}; update skipped",
                           file=sys.stderr)
                 opt.zero_grad(set_to_none=True)
@@ -269,7 +312,9 @@ class Trainer:
             real = self.stream.batch(self.step * cfg.d_steps + j)
             if self.cfg.train.channels_last:
                 real = real.contiguous(memory_format=torch.channels_last)
-            z = torch.randn(cfg.batch_size, self.cfg.model.z_dim, device=self.device)
+            # The global batch's noise, the same on every rank; this rank's rows of it.
+            z = torch.randn(cfg.batch_size, self.cfg.model.z_dim, device=self.device,
+                            generator=self.noise)[self._z_rows]
             # The last discriminator step's fakes are reused for the generator step, as in the DCGAN example.
             fake, loss_d, d_real, d_fake = self._d_step(real, z)
         loss_g = self._g_step(fake)
@@ -293,7 +338,13 @@ class Trainer:
         if self.evaluator is None:
             from gan.metrics import Evaluator, resolve_inception_weights
             m = self.cfg.metrics
-            weights = resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
+
+            def resolve():
+                return resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
+            # Rank 0 first: it may convert or download the weights into the cache the others then read.
+            weights = distributed.on_main(resolve)
+            if not self.is_main:
+                weights = resolve()
             load, ident = build_reference(self.cfg, lambda: self.data)
             self.evaluator = Evaluator(weights, self.device, load, ident, cache_dir=m.cache_dir,
                                        batch_size=self.cfg.eval.batch_size, kid_subset_size=m.kid_subset_size,
@@ -302,27 +353,63 @@ class Trainer:
 
     def evaluate(self) -> dict:
         e = self.cfg.eval
-        images = generate(self.sampler, e.num_samples, self.cfg.model.z_dim, e.seed, self.device,
-                          e.batch_size, e.g_mode)
-        result = self._evaluator().score(to_uint8(images))
+        if self.world == 1:
+            images = generate(self.sampler, e.num_samples, self.cfg.model.z_dim, e.seed, self.device,
+                              e.batch_size, e.g_mode)
+            result = self._evaluator().score(to_uint8(images))
+        else:
+            result = self._evaluate_distributed()
         result = {k: float(v) for k, v in result.items()}
         result["ema"] = self.ema is not None
         return result
 
-    def write_samples(self) -> Path:
-        images = generate(self.sampler, 64, self.cfg.model.z_dim, self.fixed_z_seed, self.device,
-                          g_mode=self.cfg.eval.g_mode)
+    def _evaluate_distributed(self) -> dict:
+        """Each rank makes and featurizes its share of the same fixed-noise samples (whole forward batches,
+        so the same pixels as one process); rank 0 scores the gathered features; every rank gets the result.
+        Inception features match one process's up to the float rounding of differently composed batches."""
+        e, z_dim = self.cfg.eval, self.cfg.model.z_dim
+        first, last = distributed.share(math.ceil(e.num_samples / e.batch_size))
+        start, stop = first * e.batch_size, min(last * e.batch_size, e.num_samples)
+        with distributed.local_norms(self.sampler) as G:
+            if e.g_mode == "train":
+                # Batch statistics: each forward batch updates the sampling copy's state for the next one,
+                # so every rank makes all of them (cheap next to Inception) and keeps its share.
+                images = generate(G, e.num_samples, z_dim, e.seed, self.device, e.batch_size, e.g_mode)
+                images = images[start:stop]
+            else:
+                images = generate(G, e.num_samples, z_dim, e.seed, self.device, e.batch_size, e.g_mode,
+                                  start=start, stop=stop)
+        ev = self._evaluator()
+        part = ev.inception_outputs(to_uint8(images)) if len(images) else None
+        parts = [p for p in distributed.gather_to_main(part) or [] if p is not None]
+
+        def score() -> dict:
+            feats = torch.cat([p[0] for p in parts])
+            logits = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
+            return ev.score_features(feats, logits)
+        return distributed.on_main(score)
+
+    def write_samples(self) -> Path | None:
+        if not self.is_main:
+            return None
+        with distributed.local_norms(self.sampler) as G:  # rank 0 alone: no collectives
+            images = generate(G, 64, self.cfg.model.z_dim, self.fixed_z_seed, self.device,
+                              g_mode=self.cfg.eval.g_mode)
         caption = f"step {self.step}" + (" (EMA generator)" if self.ema is not None else "")
         return self.logger.samples(self.step, images, caption)
 
     # ------------------------------------------------------------------ the loop
 
     def _on_signal(self, signum, frame):
+        now = time.monotonic()
         if self._stop_signal is not None:  # second Ctrl-C: the user means it
+            if self.world > 1 and now - self._signal_time < 1.0:
+                return  # torchrun passing on the same Ctrl-C the terminal already sent to every process
             raise KeyboardInterrupt
-        self._stop_signal = signum
-        print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
-              f"(press Ctrl-C again to quit at once)", file=sys.stderr)
+        self._stop_signal, self._signal_time = signum, now
+        if self.is_main:
+            print(f"\n{signal.Signals(signum).name}: finishing this step and saving a checkpoint "
+                  f"(press Ctrl-C again to quit at once)", file=sys.stderr)
 
     def run(self) -> dict:
         cfg = self.cfg
@@ -361,17 +448,21 @@ class Trainer:
             window_time += dt
             self.train_time += dt
             bar.update(1)
+            # Under torchrun a signal reaches the processes at different steps: they agree on it here, so
+            # that all stop after the same step. (One process: this is just the signal, if any.)
+            stop = distributed.max_int(self._stop_signal or 0)
 
             last = self.step == cfg.train.steps
             record: dict = {}
             evaluating = self._every(cfg.eval.every) or (last and cfg.eval.every)
-            if (self._every(cfg.log.every) or last or self._every(cfg.ckpt.every) or evaluating
-                    or self._stop_signal is not None):
+            if (self._every(cfg.log.every) or last or self._every(cfg.ckpt.every) or evaluating or stop):
                 # Nothing is saved or scored past this point with weights a bad update has touched.
                 self._check_finite()
             if self._every(cfg.log.every) or last or self._every(cfg.ckpt.every):
-                means = {k: (v / window_steps).item() for k, v in sums.items()}
-                record.update(means)
+                if sums:  # losses of the global batch: the mean over ranks of each rank's mean
+                    keys = list(sums)
+                    values = distributed.mean_over_ranks(torch.stack([sums[k] for k in keys])) / window_steps
+                    record.update(zip(keys, values.tolist()))
                 record["sec_per_step"] = window_time / window_steps
                 record["train_time"] = self.train_time
                 sums, window_steps, window_time = {}, 0, 0.0
@@ -383,7 +474,8 @@ class Trainer:
                 if self.best is None or metrics["fid"] < self.best["fid"]:
                     self.best = {"step": self.step, "fid": metrics["fid"]}
                     self.logger.summary({"best_fid": self.best["fid"], "best_step": self.step})
-                    ckpt.write_checkpoint(self.state_dict(), self.ckpt_dir / "best.pt")
+                    if self.is_main:
+                        ckpt.write_checkpoint(self.state_dict(), self.ckpt_dir / "best.pt")
             if record:
                 record.setdefault("train_time", self.train_time)
                 self.logger.log(self.step, record)
@@ -395,10 +487,13 @@ class Trainer:
                 self.write_samples()
             if self._every(cfg.ckpt.every) or last:
                 self.save()
-            if self._stop_signal is not None:
+            if stop:
                 bar.close()
                 path = self.save() if not (self._every(cfg.ckpt.every) or last) else self._last_ckpt()
-                raise Interrupted(self._stop_signal, self.step, path)
+                # No process exits before rank 0's checkpoint is written: torchrun stops the whole job
+                # as soon as one process ends with an error code.
+                distributed.barrier()
+                raise _shared(Interrupted(stop, self.step, path))
         bar.close()
         summary = {"step": self.step, "train_time": self.train_time, "run_dir": str(self.run_dir)}
         if self.best:
@@ -406,15 +501,21 @@ class Trainer:
         return summary
 
     def _check_finite(self) -> None:
-        bad = int(self._first_bad)
+        bad = distributed.first_step(int(self._first_bad))  # under torchrun: the first bad step on any rank
         if bad >= 0:
-            raise Diverged(f"training diverged: non-finite loss or gradient at step {bad}; "
-                           f"last good checkpoint: {self._last_ckpt()} "
-                           f"(train.on_nan: skip skips such updates instead)")
+            raise _shared(Diverged(f"training diverged: non-finite loss or gradient at step {bad}; "
+                                   f"last good checkpoint: {self._last_ckpt()} "
+                                   f"(train.on_nan: skip skips such updates instead)"))
 
     def _last_ckpt(self) -> str:
         found = ckpt.list_checkpoints(self.ckpt_dir)
         return str(found[0]) if found else "none yet"
+
+
+def _shared(error: UserError) -> UserError:
+    """Marks an error that every rank raises alike, so that only rank 0 prints it."""
+    error.shared = distributed.is_distributed()
+    return error
 
 
 def _atomic_write_text(path: Path, text: str) -> None:

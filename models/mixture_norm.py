@@ -612,10 +612,10 @@ class _MixtureNorm(nn.Module):
         if self._world()[0] == 1:
             return t
         group = self.process_group if self.process_group is not None else dist.group.WORLD
-        if differentiable:
-            import torch.distributed.nn.functional as dist_fn
+        if differentiable:  # autograd's all_reduce: its backward all-reduces the gradient
+            import torch.distributed._functional_collectives as funcol
 
-            return dist_fn.all_reduce(t, group=group)
+            return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
         dist.all_reduce(t, group=group)
         return t
 

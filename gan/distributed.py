@@ -1,0 +1,341 @@
+"""Data parallelism under torchrun: process-group setup, a few collectives, and synchronized norms.
+
+`torchrun --nproc_per_node N cli.py train ...` starts N processes; `setup()` joins them (NCCL on
+CUDA, one GPU per process at cuda:LOCAL_RANK; gloo on CPU). Every helper here is a no-op returning
+its input when the job is a single process, so the Trainer calls them unconditionally and a plain
+`python cli.py train` pays for no collective.
+
+Control traffic (stop flags, config check, metrics, checkpoint state) goes through a gloo group on
+CPU tensors, so it never waits on the GPU; model synchronization (DDP, SyncBatchNorm, synchronized
+MN) uses the default group on the training device.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import pickle
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from gan.errors import UserError
+
+_control_group = None  # gloo group for host-side messages (the default group when it is gloo already)
+
+
+class DistributedError(UserError):
+    """A problem the whole job agrees on (same message on every rank; only rank 0 prints it)."""
+    shared = True
+
+
+# ---------------------------------------------------------------- setup and teardown
+
+def launched() -> bool:
+    """True when started by torchrun (or its env:// variables) with more than one process."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def setup(device_type: str, timeout_s: float) -> None:
+    """Joins the job's process group (env:// rendezvous from torchrun). No-op for one process.
+
+    `timeout_s` bounds every collective: a rank that never arrives (crashed, stuck) makes the others
+    fail with an error after that long instead of hanging forever.
+    """
+    if not launched() or dist.is_initialized():
+        return
+    try:
+        _init(device_type, datetime.timedelta(seconds=timeout_s))
+    except dist.DistError as e:  # a process that never came, an unreachable MASTER_ADDR/rendezvous endpoint
+        raise UserError(f"could not start the {os.environ.get('WORLD_SIZE')}-process job "
+                        f"(train.dist_timeout {timeout_s:g} s): {str(e).strip().splitlines()[0]}") from None
+
+
+def _init(device_type: str, timeout: datetime.timedelta) -> None:
+    global _control_group
+    if device_type == "cuda":
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if local_rank >= torch.cuda.device_count():
+            raise UserError(f"LOCAL_RANK {local_rank} but only {torch.cuda.device_count()} CUDA devices here; "
+                            f"use --nproc_per_node <= the number of GPUs per node")
+        torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl", timeout=timeout, device_id=torch.device("cuda", local_rank))
+        _control_group = dist.new_group(backend="gloo", timeout=timeout)
+    else:
+        dist.init_process_group("gloo", timeout=timeout)
+        _control_group = dist.group.WORLD
+
+
+def teardown() -> None:
+    """Leaves the process group (also after an error: an exit without it can abort the process)."""
+    global _control_group
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # the others may be gone already; this process is leaving anyway
+            pass
+    _control_group = None
+
+
+def local_device(device: torch.device) -> torch.device:
+    """This process's device: cuda:LOCAL_RANK under torchrun."""
+    if device.type == "cuda" and is_distributed():
+        return torch.device("cuda", torch.cuda.current_device())
+    return device
+
+
+# ---------------------------------------------------------------- who am I
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def _group():
+    return _control_group if _control_group is not None else dist.group.WORLD
+
+
+# ---------------------------------------------------------------- collectives (identity for one process)
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier(group=_group())
+
+
+def max_int(value: int) -> int:
+    """The largest `value` over the ranks."""
+    if not is_distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64)
+    dist.all_reduce(t, dist.ReduceOp.MAX, group=_group())
+    return int(t)
+
+
+def all_true(flag: bool) -> bool:
+    if not is_distributed():
+        return flag
+    return max_int(0 if flag else 1) == 0
+
+
+def first_step(step: int) -> int:
+    """The smallest non-negative `step` over the ranks (-1 = none): e.g. the first bad step anywhere."""
+    if not is_distributed():
+        return step
+    never = 1 << 62
+    t = torch.tensor([step if step >= 0 else never], dtype=torch.int64)
+    dist.all_reduce(t, dist.ReduceOp.MIN, group=_group())
+    return int(t) if int(t) != never else -1
+
+
+def mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """The mean over ranks of a tensor on the training device (loss logging; equal local batches)."""
+    if not is_distributed():
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def broadcast_object(obj=None, src: int = 0):
+    """rank `src`'s obj on every rank (anything picklable: checkpoint state, metrics, an exception)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src, group=_group())
+    return box[0]
+
+
+def gather_to_main(obj) -> list | None:
+    """[obj of rank 0, obj of rank 1, ...] on rank 0; None elsewhere."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size() if is_main() else None
+    dist.gather_object(obj, out, dst=0, group=_group())
+    return out
+
+
+def on_main(fn):
+    """fn() on rank 0; its result, or the UserError it raised, on every rank (raised there too)."""
+    if not is_distributed():
+        return fn()
+    result = None
+    if is_main():
+        try:
+            result = (True, fn())
+        except UserError as e:
+            result = (False, e)
+    ok, value = broadcast_object(result)
+    if not ok:
+        value.shared = True  # everyone raises it; rank 0 prints it
+        raise value
+    return value
+
+
+def share(n_chunks: int) -> tuple[int, int]:
+    """This rank's contiguous block [first, last) of n_chunks work items."""
+    w, r = world_size(), rank()
+    return r * n_chunks // w, (r + 1) * n_chunks // w
+
+
+# ---------------------------------------------------------------- config check
+
+def check_same_config(config: dict) -> None:
+    """Refuses a job whose processes resolved different configs (e.g. nodes launched with different
+    --set options): every rank raises the same one-line DistributedError."""
+    if not is_distributed():
+        return
+    blob = pickle.dumps(config)
+    import hashlib
+    digest = hashlib.sha256(blob).digest()
+    digests = [None] * dist.get_world_size()
+    dist.all_gather_object(digests, digest, group=_group())
+    if len(set(digests)) == 1:
+        return
+    configs = [None] * dist.get_world_size()
+    dist.all_gather_object(configs, config, group=_group())
+    bad = next(r for r, d in enumerate(digests) if d != digests[0])
+    diffs = [k for k, v in _flat(configs[bad]).items() if _flat(configs[0]).get(k, object()) != v]
+    shown = ", ".join(f"{k}: {_flat(configs[0]).get(k)!r} on rank 0, {_flat(configs[bad])[k]!r} on rank {bad}"
+                      for k in diffs[:3])
+    more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
+    raise DistributedError(f"the {len(digests)} processes were started with different configs ({shown}{more}); "
+                           f"launch every node with the same config file and --set options")
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+# ---------------------------------------------------------------- models
+
+class SyncBatchNorm2d(nn.BatchNorm2d):
+    """BatchNorm2d with the statistics of the global batch under torchrun, on CUDA and on CPU.
+
+    On CUDA the maths is torch's SyncBatchNorm function (fused kernels, all_gather of per-rank
+    statistics). torch's refuses CPU tensors (and DDP refuses its module on CPU), so on CPU the
+    global mean and variance come from two differentiable all-reduces of per-channel sums; their
+    backward all-reduces the gradient of those sums, which makes the input gradient that of the
+    global batch. Outside training, with one process, or with `sync` off (see `local_norms`) it is
+    plain BatchNorm2d; the state_dict is BatchNorm2d's, so checkpoints load in either.
+    """
+
+    process_group = None
+    sync = True
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        if not (self.sync and self.training and is_distributed()):
+            return super().forward(input)
+        if input.device.type == "cpu":
+            return _cpu_sync_batch_norm(self, input)
+        return _cuda_sync_batch_norm(self, input)
+
+
+def _momentum(bn: nn.BatchNorm2d) -> float:
+    if not bn.track_running_stats:
+        return 0.0
+    bn.num_batches_tracked.add_(1)
+    return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
+
+
+def _cuda_sync_batch_norm(bn: SyncBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
+    group = bn.process_group or dist.group.WORLD
+    f = _momentum(bn)
+    running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
+    return sync_batch_norm.apply(x, bn.weight, bn.bias, *running, bn.eps, f, group, dist.get_world_size(group))
+
+
+def _cpu_sync_batch_norm(bn: SyncBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    group = bn.process_group or dist.group.WORLD
+    c = x.shape[1]
+    dims = (0, 2, 3)
+    total = _sum_over_ranks(torch.cat([x.sum(dims), x.new_full((1,), x.numel() // c)]), group)
+    n = total[c]
+    mean = total[:c] / n
+    xc = x - mean.view(1, c, 1, 1)
+    var = _sum_over_ranks(xc.square().sum(dims), group) / n
+    y = xc * torch.rsqrt(var + bn.eps).view(1, c, 1, 1)
+    if bn.affine:
+        y = y * bn.weight.view(1, c, 1, 1) + bn.bias.view(1, c, 1, 1)
+    if bn.track_running_stats:
+        with torch.no_grad():
+            f = _momentum(bn)
+            unbiased = var * (n / (n - 1).clamp_min(1.0))
+            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), f)
+            bn.running_var.lerp_(unbiased.detach().to(bn.running_var.dtype), f)
+    return y
+
+
+def _sum_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
+    """All-reduce (sum) that autograd differentiates: its backward all-reduces the gradient."""
+    import torch.distributed._functional_collectives as funcol
+    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+
+
+def sync_norms(module: nn.Module) -> nn.Module:
+    """BatchNorm2d -> SyncBatchNorm2d and synchronized MixtureNorm, in place; statistics are then
+    those of the global batch. Call before moving to the device and building optimizers."""
+    from models.mixture_norm import convert_sync_mixturenorm
+    convert_sync_mixturenorm(module)
+    _convert_batchnorms(module)
+    return module
+
+
+def _convert_batchnorms(module: nn.Module) -> None:
+    for name, child in module.named_children():
+        if type(child) is nn.BatchNorm2d:
+            like = next(iter([*child.parameters(), *child.buffers()]), None)
+            new = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
+                                  child.track_running_stats, device=getattr(like, "device", None),
+                                  dtype=getattr(like, "dtype", None))
+            new.load_state_dict(child.state_dict())
+            new.train(child.training)
+            setattr(module, name, new)
+        else:
+            _convert_batchnorms(child)
+
+
+@contextlib.contextmanager
+def local_norms(module: nn.Module) -> Iterator[nn.Module]:
+    """Within the block, module's norms use this process's batch only (no collectives): for
+    sampling on one rank, or on every rank with results that must not depend on the others."""
+    from models.mixture_norm import _MixtureNorm
+    switched = [m for m in module.modules() if isinstance(m, (SyncBatchNorm2d, _MixtureNorm)) and m.sync]
+    for m in switched:
+        m.sync = False
+    try:
+        yield module
+    finally:
+        for m in switched:
+            m.sync = True
+
+
+def wrap(module: nn.Module, device: torch.device, broadcast_buffers: bool) -> nn.Module:
+    """DistributedDataParallel around module (gradients averaged over ranks); module itself alone."""
+    if not is_distributed():
+        return module
+    import inspect
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    ids = [device.index] if device.type == "cuda" else None
+    # Newer torch renamed broadcast_buffers (per-forward buffer sync; buffers are synced at start either way).
+    name = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DDP).parameters else "broadcast_buffers"
+    return DDP(module, device_ids=ids, **{name: broadcast_buffers})
