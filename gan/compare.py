@@ -20,7 +20,7 @@ from typing import Callable, Optional
 
 import yaml
 
-from gan.config import Config, config_from_dict
+from gan.config import Config, config_from_dict, flatten
 from gan.errors import UserError
 
 METRICS = {"fid": "fid", "kid": "kid_mean"}
@@ -42,17 +42,7 @@ class CompareError(UserError):
     pass
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
-
-
-_DEFAULTS = _flatten(Config().to_dict())
+_DEFAULTS = flatten(Config().to_dict())
 
 
 def _grouping(key: str) -> bool:
@@ -148,7 +138,7 @@ def read_run(path: Path, metric_key: str) -> Run:
               "train_time": float(r["train_time"]) if _finite(r.get("train_time")) else None}
              for r in records if _finite(r.get(metric_key))]
     sps = [r["sec_per_step"] for r in records if _finite(r.get("sec_per_step"))]
-    flat = _flatten(config.to_dict())
+    flat = flatten(config.to_dict())
     for k in ("data.path", "eval.reference"):
         if flat[k] not in ("train", "test"):
             flat[k] = os.path.normpath(flat[k])

@@ -299,13 +299,18 @@ def config_from_dict(data: dict) -> Config:
     return _build(Config, data)
 
 
+def flatten(d: dict, prefix: str = "") -> dict:
+    """{"train": {"steps": 1}} -> {"train.steps": 1}: the dotted keys that --set and messages use."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, prefix + k + "."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
 def config_diff(a: Config, b: Config, ignore: tuple[str, ...] = ()) -> list[str]:
     """Dotted keys whose values differ, for 'this run folder holds a different run' messages."""
-    def flat(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from flat(v, prefix + k + ".")
-            else:
-                yield prefix + k, v
-    fa, fb = dict(flat(a.to_dict())), dict(flat(b.to_dict()))
+    fa, fb = flatten(a.to_dict()), flatten(b.to_dict())
     return [k for k in fa if fa[k] != fb.get(k) and k not in ignore]

@@ -14,13 +14,15 @@ from __future__ import annotations
 import contextlib
 import datetime
 import os
-import pickle
+import hashlib
+import json
 from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from gan.config import flatten
 from gan.errors import UserError
 
 _control_group = None  # gloo group for host-side messages (the default group when it is gloo already)
@@ -197,9 +199,7 @@ def check_same_config(config: dict) -> None:
     --set options): every rank raises the same one-line DistributedError."""
     if not is_distributed():
         return
-    blob = pickle.dumps(config)
-    import hashlib
-    digest = hashlib.sha256(blob).digest()
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()
     digests = [None] * dist.get_world_size()
     dist.all_gather_object(digests, digest, group=_group())
     if len(set(digests)) == 1:
@@ -207,22 +207,12 @@ def check_same_config(config: dict) -> None:
     configs = [None] * dist.get_world_size()
     dist.all_gather_object(configs, config, group=_group())
     bad = next(r for r, d in enumerate(digests) if d != digests[0])
-    diffs = [k for k, v in _flat(configs[bad]).items() if _flat(configs[0]).get(k, object()) != v]
-    shown = ", ".join(f"{k}: {_flat(configs[0]).get(k)!r} on rank 0, {_flat(configs[bad])[k]!r} on rank {bad}"
+    diffs = [k for k, v in flatten(configs[bad]).items() if flatten(configs[0]).get(k, object()) != v]
+    shown = ", ".join(f"{k}: {flatten(configs[0]).get(k)!r} on rank 0, {flatten(configs[bad])[k]!r} on rank {bad}"
                       for k in diffs[:3])
     more = f" (and {len(diffs) - 3} more)" if len(diffs) > 3 else ""
     raise DistributedError(f"the {len(digests)} processes were started with different configs ({shown}{more}); "
                            f"launch every node with the same config file and --set options")
-
-
-def _flat(d: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, prefix + k + "."))
-        else:
-            out[prefix + k] = v
-    return out
 
 
 # ---------------------------------------------------------------- models
