@@ -77,7 +77,7 @@ def build_config(config_path, norm, steps, batch_size, seed, out, device, data, 
 def config_options(fn):
     options = [
         click.option("--config", "config_path", type=click.Path(dir_okay=False), default=str(DEFAULT_CONFIG),
-                     show_default=True, help="YAML config; every key not in it keeps its default."),
+                     show_default="configs/default.yaml", help="YAML config; every key not in it keeps its default."),
         click.option("--norm", type=click.Choice(["bn", "mn", "none"]), help="Generator normalization."),
         click.option("--steps", type=int, help="Generator updates to train for."),
         click.option("--batch-size", type=int, help="Images per batch."),
