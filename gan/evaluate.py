@@ -56,6 +56,6 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: s
     load, ident = build_reference(cfg)
     evaluator = Evaluator(weights, device, load, ident, cache_dir=m.cache_dir, batch_size=cfg.eval.batch_size,
                           kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress)
-    result = {k: float(v) for k, v in evaluator.score(to_uint8(images)).items()}
+    result = {k: v if isinstance(v, int) else float(v) for k, v in evaluator.score(to_uint8(images)).items()}
     return {"checkpoint": str(checkpoint), "step": state["step"], "norm": cfg.model.norm,
             "generator": "ema" if state.get("ema") else "raw", "g_mode": cfg.eval.g_mode, "num_samples": n, **result}

@@ -359,7 +359,7 @@ class Trainer:
             result = self._evaluator().score(to_uint8(images))
         else:
             result = self._evaluate_distributed()
-        result = {k: float(v) for k, v in result.items()}
+        result = {k: v if isinstance(v, int) else float(v) for k, v in result.items()}
         result["ema"] = self.ema is not None
         return result
 
