@@ -279,7 +279,7 @@ class Trainer:
             # Under fp16 loss scaling, inf gradients are routine overflow: the scaler skips that
             # update and lowers its scale by itself, so only the loss says the run diverged.
             grads = [p.grad for p in model.parameters() if p.grad is not None]
-            finite = finite & torch.isfinite(torch.stack([g.float().norm() for g in grads]).sum())
+            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
         if self.cfg.train.on_nan == "skip":
             # This mode pays a host sync per update to keep a bad batch out of the weights;
             # under torchrun the ranks agree, so that all of them skip the update or none does.
