@@ -62,6 +62,13 @@ def atomic_save(obj, path: Path) -> None:
         pass
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Small text files (config.yaml, a rewritten metrics.jsonl): all or nothing, like checkpoints."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def _test_hook_slow_write() -> None:
     # Lets the fault tests kill the process in the middle of a checkpoint write.
     delay = os.environ.get("MNGAN_TEST_SLOW_CKPT_WRITE")

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
+from gan.checkpoint import atomic_write_text
+
 WANDB_MODES = ("online", "offline", "disabled")
 
 
@@ -58,9 +60,7 @@ class RunLogger:
             except (ValueError, KeyError, TypeError):
                 continue  # a line cut by a crash
         # Via a temporary file: a kill during this rewrite must not lose the lines before the checkpoint.
-        tmp = self.metrics_path.with_name(f".{self.metrics_path.name}.tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
-        tmp.replace(self.metrics_path)
+        atomic_write_text(self.metrics_path, "".join(l + "\n" for l in keep))
 
     def _start_wandb(self, config: dict, mode: str, project: str):
         try:

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from gan import checkpoint as ckpt
 from gan import distributed
-from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict
+from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict, flatten
 from gan.data import BatchStream, ImageData, load_dataset
 from gan.errors import UserError
 from gan.sampling import build_reference, generate, to_uint8
@@ -172,7 +172,7 @@ class Trainer:
             if ckpt.list_checkpoints(self.ckpt_dir):
                 raise UserError(f"run folder {run_dir} already holds a run; pass --resume auto to continue it, "
                                 f"--overwrite to start it again, or --out for a new folder")
-        _atomic_write_text(saved, cfg.to_yaml())
+        ckpt.atomic_write_text(saved, cfg.to_yaml())
         return state
 
     def _saved_config_diff(self, saved: Path) -> str | None:
@@ -182,19 +182,15 @@ class Trainer:
             old = config_from_dict(yaml.safe_load(saved.read_text()))
         except (UserError, yaml.YAMLError, OSError, TypeError):
             return "its config.yaml is unreadable"
-        diff = config_diff(old, self.cfg, RESUMABLE_CHANGES)
-        if not diff:
-            return None
-        return ", ".join(f"{k}: {_get(old, k)!r} -> {_get(self.cfg, k)!r}" for k in diff[:4])
+        return _describe_diff(old, self.cfg)
 
     def _check_compatible(self, state: dict, source) -> None:
         try:
             old = config_from_dict(state["config"])
         except (UserError, KeyError, TypeError) as e:
             raise ckpt.CheckpointError(f"{source}: its config is not valid here: {e}") from None
-        diff = config_diff(old, self.cfg, RESUMABLE_CHANGES)
-        if diff:
-            shown = ", ".join(f"{k}: {_get(old, k)!r} -> {_get(self.cfg, k)!r}" for k in diff[:4])
+        shown = _describe_diff(old, self.cfg)
+        if shown:
             raise ckpt.CheckpointError(f"{source} is from a different run configuration ({shown}); "
                                        f"use --out for a new run")
 
@@ -518,14 +514,10 @@ def _shared(error: UserError) -> UserError:
     return error
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
-
-
-def _get(cfg: Config, dotted: str):
-    obj = cfg
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
+def _describe_diff(old: Config, new: Config) -> str | None:
+    """The first few config keys a resume may not change, as 'key: old -> new', or None."""
+    diff = config_diff(old, new, RESUMABLE_CHANGES)
+    if not diff:
+        return None
+    fo, fn = flatten(old.to_dict()), flatten(new.to_dict())
+    return ", ".join(f"{k}: {fo[k]!r} -> {fn.get(k)!r}" for k in diff[:4])
