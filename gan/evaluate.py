@@ -53,7 +53,7 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: s
         save_image(image_grid(images[:64]).float() / 255, grid)
     m = cfg.metrics
     weights = resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
-    load, ident = build_reference(cfg)
+    load, ident = build_reference(cfg, progress=progress)
     evaluator = Evaluator(weights, device, load, ident, cache_dir=m.cache_dir, batch_size=cfg.eval.batch_size,
                           kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress)
     result = {k: v if isinstance(v, int) else float(v) for k, v in evaluator.score(to_uint8(images)).items()}

@@ -38,7 +38,7 @@ def generate(G: torch.nn.Module, num: int, z_dim: int, seed: int, device: torch.
     return torch.cat(out) if out else torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)
 
 
-def build_reference(cfg: Config, train_data: Callable[[], ImageData] | None = None
+def build_reference(cfg: Config, train_data: Callable[[], ImageData] | None = None, progress: bool = True
                     ) -> tuple[Callable[[], torch.Tensor], str]:
     """(loader, identity) of the real images FID/KID compare against.
 
@@ -47,7 +47,7 @@ def build_reference(cfg: Config, train_data: Callable[[], ImageData] | None = No
     ref, d = cfg.eval.reference, cfg.data
     if ref == "train":
         ident = dataset_identity(d.source, d.path, d.split, d.resize)
-        load = train_data or (lambda: load_dataset(d.source, d.path, d.split, d.download, d.resize))
+        load = train_data or (lambda: load_dataset(d.source, d.path, d.split, d.download, d.resize, progress))
     elif ref == "test":
         if d.source != "cifar10":
             raise UserError("eval.reference: test needs data.source cifar10; "
@@ -58,7 +58,7 @@ def build_reference(cfg: Config, train_data: Callable[[], ImageData] | None = No
         if not Path(ref).exists():
             raise UserError(f"eval.reference {ref} does not exist")
         ident = dataset_identity("folder", ref, "", d.resize)
-        load = lambda: load_dataset("folder", ref, resize=d.resize)
+        load = lambda: load_dataset("folder", ref, resize=d.resize, progress=progress)
     n = cfg.eval.reference_samples
 
     def images() -> torch.Tensor:

@@ -341,7 +341,7 @@ class Trainer:
             weights = distributed.on_main(resolve)
             if not self.is_main:
                 weights = resolve()
-            load, ident = build_reference(self.cfg, lambda: self.data)
+            load, ident = build_reference(self.cfg, lambda: self.data, self.progress)
             self.evaluator = Evaluator(weights, self.device, load, ident, cache_dir=m.cache_dir,
                                        batch_size=self.cfg.eval.batch_size, kid_subset_size=m.kid_subset_size,
                                        kid_subsets=m.kid_subsets, verbose=self.progress)

@@ -106,6 +106,29 @@ def test_empty_zip_is_refused(tmp_path):
         load_dataset("folder", str(path))
 
 
+def test_dataset_identity_follows_content_not_location(image_folder, image_zip, tmp_path):
+    """The reference-statistics cache is keyed by it: a copied or re-mounted dataset must still hit."""
+    import os
+    import shutil
+    from gan.data import dataset_identity
+    zip_copy = shutil.copy(image_zip, tmp_path / image_zip.name)
+    os.utime(zip_copy, (1, 1))
+    assert dataset_identity("folder", zip_copy) == dataset_identity("folder", image_zip)
+    folder_copy = shutil.copytree(image_folder, tmp_path / image_folder.name)
+    assert dataset_identity("folder", folder_copy) == dataset_identity("folder", image_folder)
+    assert dataset_identity("folder", image_zip, resize=False) != dataset_identity("folder", image_zip)
+
+    with open(zip_copy, "r+b") as f:  # same size, different bytes
+        f.seek(-1, os.SEEK_END)
+        last = f.read(1)
+        f.seek(-1, os.SEEK_END)
+        f.write(bytes([last[0] ^ 1]))
+    assert dataset_identity("folder", zip_copy) != dataset_identity("folder", image_zip)
+    extra = next(folder_copy.rglob("*.png"))
+    shutil.copy(extra, extra.with_name("extra.png"))
+    assert dataset_identity("folder", folder_copy) != dataset_identity("folder", image_folder)
+
+
 def test_batches_are_in_range_and_deterministic(image_zip):
     images = load_dataset("folder", str(image_zip)).images
     s1 = BatchStream(images, 8, seed=3, hflip=True, device=torch.device("cpu"))
