@@ -276,6 +276,13 @@ def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b else None
 
 
+def _ratio_range(base_runs: list[dict], runs: list[dict], key: str) -> Optional[list[float]]:
+    """[min, max] of the speed-up over every (baseline seed, this group's seed) pair that reached the target:
+    the spread that the mean ratio hides when there are only a few seeds."""
+    ratios = [b[key] / r[key] for b in base_runs for r in runs if b[key] is not None and r[key]]
+    return [min(ratios), max(ratios)] if ratios else None
+
+
 # ---------------------------------------------------------------- output
 
 def _num(v: Optional[float], fmt: str) -> str:
@@ -295,6 +302,15 @@ def _to_target(stat: dict, fmt: str, scale: float = 1.0) -> str:
     scaled = {"mean": stat["mean"] / scale, "std": None if stat["std"] is None else stat["std"] / scale}
     text = _mean_pm(scaled, fmt)
     return text if stat["reached"] == stat["of"] else f"{text} ({stat['reached']}/{stat['of']} reached)"
+
+
+def _speedup(group: dict, kind: str, is_baseline: bool) -> str:
+    value, spread = group[f"speedup_{kind}"], group[f"speedup_{kind}_range"]
+    if value is None:
+        return "–"
+    if is_baseline or spread is None:
+        return f"{value:.2f}×"
+    return f"{value:.2f}× ({spread[0]:.2f}–{spread[1]:.2f})"
 
 
 def _time_unit(seconds: float) -> tuple[str, float]:
@@ -327,12 +343,14 @@ def markdown(result: dict) -> str:
             _mean_pm(g["final"], fmt), _to_target(g["steps_to_target"], ".0f"),
             _to_target(g["time_to_target"], ".1f", scale) if g["time_to_target"]["reached"]
             or not g["steps_to_target"]["reached"] else "–",  # "–": metrics.jsonl without train_time
-            _num(g["speedup_steps"], ".2f") + ("×" if g["speedup_steps"] is not None else ""),
-            _num(g["speedup_time"], ".2f") + ("×" if g["speedup_time"] is not None else ""),
+            _speedup(g, "steps", g["label"] == result["baseline"]),
+            _speedup(g, "time", g["label"] == result["baseline"]),
             _mean_pm(g["sec_per_step"], ".3f"),
         ]) + " |")
     lines += ["", "Mean ± std over seeds. Steps to target: per seed, the first evaluation step with "
-              f"{result['metric_key']} <= target."]
+              f"{result['metric_key']} <= target. Speed-up: the baseline's mean over the group's mean; in "
+              "brackets, the lowest and highest ratio over all pairs of a baseline seed and a group seed "
+              "that both reached the target."]
     if any(g["in_progress"] for g in result["groups"]):
         lines.append("`*` still in progress (last logged step < train.steps): numbers so far.")
     if any(0 < g["steps_to_target"]["reached"] < g["steps_to_target"]["of"] for g in result["groups"]):
@@ -446,6 +464,8 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
     for n in numbers:
         n["speedup_steps"] = _ratio(b["steps_to_target"]["mean"], n["steps_to_target"]["mean"])
         n["speedup_time"] = _ratio(b["time_to_target"]["mean"], n["time_to_target"]["mean"])
+        n["speedup_steps_range"] = _ratio_range(b["runs"], n["runs"], "steps_to_target")
+        n["speedup_time_range"] = _ratio_range(b["runs"], n["runs"], "time_to_target")
 
     notes = []
     sources = {str(r.flat.get(k)) for r in kept for k in ("data.path", "eval.reference")}

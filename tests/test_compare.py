@@ -80,6 +80,9 @@ def test_compare_numbers(study_runs, tmp_path):
     assert mn["time_to_target"]["mean"] == pytest.approx(500.0)
     assert mn["speedup_steps"] == pytest.approx(1.2)
     assert mn["speedup_time"] == pytest.approx(0.6)
+    # Pairs that reached: bn seed 0 (3000 steps, 300 s) with mn 2000/400 s and 3000/600 s.
+    assert mn["speedup_steps_range"] == pytest.approx([1.0, 1.5])
+    assert mn["speedup_time_range"] == pytest.approx([0.5, 0.75])
     assert bn["speedup_steps"] == pytest.approx(1.0)
     assert mn["sec_per_step"]["mean"] == pytest.approx(0.2)
     assert bn["sec_per_step"]["mean"] == pytest.approx(0.1)
@@ -99,7 +102,8 @@ def test_compare_numbers(study_runs, tmp_path):
             if line.startswith("| norm=")}
     assert rows["norm=bn"][1:6] == ["0, 1", "42.00 ± 2.83", "3000, 3000", "43.50 ± 2.12", "3000 (1/2 reached)"]
     assert rows["norm=mn"][1:6] == ["0, 1", "33.00 ± 4.24", "4000, 4000", "33.00 ± 4.24", "2500 ± 707"]
-    assert rows["norm=mn"][7:9] == ["1.20×", "0.60×"]
+    assert rows["norm=mn"][7:9] == ["1.20× (1.00–1.50)", "0.60× (0.50–0.75)"]
+    assert rows["norm=bn"][7:9] == ["1.00×", "1.00×"]
 
 
 def test_compare_cli_kid_target_and_labels(study_runs, tmp_path):
