@@ -227,6 +227,7 @@ def run_numbers(run: Run, target: Optional[float]) -> dict:
         "steps_to_target": hit["step"] if hit else None,
         "time_to_target": hit["train_time"] if hit else None,
         "sec_per_step": run.sec_per_step,
+        "evals": [[e["step"], e["value"]] for e in run.evals],
     }
 
 
@@ -357,13 +358,23 @@ def markdown(result: dict) -> str:
         lines.append("(k/n reached): the mean is over the seeds that reached the target; the others never did.")
     for note in result["notes"]:
         lines.append(note)
-    lines += ["", "Runs:"]
+    lines += ["", "Each evaluation:", "", _per_eval_table(result, fmt), "", "Runs:"]
     for g in result["groups"]:
         lines.append(f"- {g['label']}: " + ", ".join(f"`{r['run']}` (step {r['last_step']}/{r['steps']})"
                                                       for r in g["runs"]))
     if result["skipped"]:
         lines.append("- skipped: " + ", ".join(f"`{s['run']}` ({s['reason']})" for s in result["skipped"]))
     return "\n".join(lines) + "\n"
+
+
+def _per_eval_table(result: dict, fmt: str) -> str:
+    runs = [r for g in result["groups"] for r in g["runs"]]
+    values = [dict(r["evals"]) for r in runs]
+    steps = sorted({s for v in values for s in v})
+    rows = ["| step | " + " | ".join(Path(r["run"]).name for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for s in steps:
+        rows.append(f"| {s} | " + " | ".join(_num(v.get(s), fmt) for v in values) + " |")
+    return "\n".join(rows)
 
 
 def plot(result: dict, path: Path) -> None:

@@ -149,6 +149,11 @@ def test_runs_of_different_lengths_and_in_progress(tmp_path):
     assert bn["steps_to_target"]["reached"] == 1
     assert mn["speedup_steps"] == pytest.approx(1.5)
     assert "| norm=bn | 0, 1* |" in result.markdown and "still in progress" in result.markdown
+    # Every evaluation of every run, "–" where a run has none at that step.
+    assert bn["runs"][1]["evals"] == [[1000, 90], [2000, 60]]
+    assert "| step | bn-s0 | bn-s1 | mn-s0 |" in result.markdown
+    assert "| 2000 | 55.00 | 60.00 | 44.00 |" in result.markdown
+    assert "| 6000 | – | – | 34.00 |" in result.markdown
     assert (tmp_path / "cmp" / "compare.png").stat().st_size > 10_000
 
 
