@@ -49,8 +49,12 @@ def atomic_save(obj, path: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e.__context__, KeyboardInterrupt):
+            # A Ctrl-C inside torch.save's zip writer resurfaces as the writer's RuntimeError on close;
+            # the user asked to quit, so quit like any other interrupt.
+            raise e.__context__ from None
         raise
     try:  # make the rename itself durable
         fd = os.open(path.parent, os.O_RDONLY)

@@ -259,6 +259,23 @@ def test_second_sigint_during_the_save_exits_at_once(image_zip, tmp_path):
 
 
 @fault
+def test_interrupt_inside_torch_save_stays_an_interrupt(tmp_path, monkeypatch):
+    """The race the test above can hit: Ctrl-C lands inside torch.save's zip writer, whose close then
+    fails with its own RuntimeError. It must still reach the CLI as an interrupt (exit 130), not an error."""
+    def save_interrupted_midway(obj, f):
+        f.write(b"PK partial")
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc] unexpected pos")
+
+    monkeypatch.setattr(ckpt.torch, "save", save_interrupted_midway)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.atomic_save({"x": 1}, tmp_path / "step_0000001.pt")
+    assert list(tmp_path.iterdir()) == []
+
+
+@fault
 def test_sigterm_in_process_closes_wandb_and_restores_handlers(tiny_config, monkeypatch):
     finished = _fake_wandb(monkeypatch)
     cfg = tiny_config(**{"log.wandb": "offline"})
