@@ -42,7 +42,8 @@ def build_reference(cfg: Config, train_data: Callable[[], ImageData] | None = No
                     ) -> tuple[Callable[[], torch.Tensor], str]:
     """(loader, identity) of the real images FID/KID compare against.
 
-    The identity is cheap (paths, sizes, mtimes), so a cached reference never loads any images.
+    The identity is cheap (a hash of a zip; names and sizes in a folder), so a cached reference never
+    decodes any images.
     """
     ref, d = cfg.eval.reference, cfg.data
     if ref == "train":
