@@ -46,9 +46,11 @@ def build_reference(cfg: Config, train_data: Callable[[], ImageData] | None = No
     decodes any images.
     """
     ref, d = cfg.eval.reference, cfg.data
-    if ref == "train":
+    if ref == "train" and train_data is not None:  # already read: its identity was computed then
+        ident, load = train_data().identity, train_data
+    elif ref == "train":
         ident = dataset_identity(d.source, d.path, d.split, d.resize)
-        load = train_data or (lambda: load_dataset(d.source, d.path, d.split, d.download, d.resize, progress))
+        load = lambda: load_dataset(d.source, d.path, d.split, d.download, d.resize, progress)
     elif ref == "test":
         if d.source != "cifar10":
             raise UserError("eval.reference: test needs data.source cifar10; "

@@ -55,8 +55,6 @@ def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
 
 
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False,
                  wandb_mode: str | None = None, progress: bool = True, data: ImageData | None = None):

@@ -129,6 +129,17 @@ def test_dataset_identity_follows_content_not_location(image_folder, image_zip, 
     assert dataset_identity("folder", folder_copy) != dataset_identity("folder", image_folder)
 
 
+def test_reference_key_is_the_same_from_training_and_from_evaluate(tiny_config):
+    """The trainer reuses its loaded images' identity; evaluate computes it from the config: one cache entry."""
+    from gan.sampling import build_reference
+    cfg = tiny_config(**{"eval.reference": "train"})
+    data = load_dataset(cfg.data.source, cfg.data.path, cfg.data.split, resize=cfg.data.resize, progress=False)
+    _, from_training = build_reference(cfg, lambda: data)
+    load, from_evaluate = build_reference(cfg, progress=False)
+    assert from_training == from_evaluate
+    assert torch.equal(load(), data.images)
+
+
 def test_batches_are_in_range_and_deterministic(image_zip):
     images = load_dataset("folder", str(image_zip)).images
     s1 = BatchStream(images, 8, seed=3, hflip=True, device=torch.device("cpu"))
