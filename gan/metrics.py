@@ -22,6 +22,7 @@ import warnings
 from typing import Callable
 
 import torch
+from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
@@ -44,8 +45,6 @@ _is_unavailable_reported = False  # the message above is printed once per proces
 # `batch_size` still sets the forward batch on CUDA.
 CPU_MAX_FORWARD_BATCH = 32
 REFERENCE_CACHE_FORMAT = 1
-KID_RNG_SEED = 2020  # torch-fidelity's default rng_seed
-ISC_SPLITS = 10  # torch-fidelity's default isc_splits
 
 
 def _report_is_unavailable() -> None:
@@ -81,7 +80,7 @@ class Evaluator:
 
     def __init__(self, weights: InceptionWeights, device: torch.device, reference: Callable[[], torch.Tensor],
                  reference_id: str, cache_dir: str | None = None, batch_size: int = 200,
-                 kid_subset_size: int = 1000, kid_subsets: int = 100, verbose: bool = True,
+                 kid_subset_size: int = DEFAULTS["kid_subset_size"], kid_subsets: int = DEFAULTS["kid_subsets"], verbose: bool = True,
                  progress: bool = True):
         if batch_size < 1 or kid_subset_size < 2 or kid_subsets < 1:
             raise ValueError("batch_size must be >= 1, kid_subset_size >= 2, kid_subsets >= 1")
@@ -179,7 +178,7 @@ class Evaluator:
         """FID, KID (and IS with the head) of uint8 images (N,3,H,W) against the reference set."""
         _check_images(images, "score")
         self.prepare_reference()  # first: on a cache miss it extracts the real images' features
-        return self.score_features(*self._extract(images, "Inception features"))
+        return self.score_features(*self.inception_outputs(images))
 
     def inception_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(pool features, logits or None) of uint8 images; what score_features takes, e.g. gathered
@@ -206,12 +205,12 @@ class Evaluator:
         # float32 features for KID, as torch-fidelity's own pipeline passes them.
         subset = min(self.kid_subset_size, n, ref["num_samples"])
         kid = kid_features_to_metric(feats, ref["features"], kid_subsets=self.kid_subsets, kid_subset_size=subset,
-                                     rng_seed=KID_RNG_SEED, verbose=False)
+                                     rng_seed=DEFAULTS["rng_seed"], verbose=False)
         out = {"fid": float(fid), "kid_mean": kid[KEY_METRIC_KID_MEAN], "kid_std": kid[KEY_METRIC_KID_STD]}
         if self.has_head:
             # torch-fidelity's 10 splits; fewer for small N so that every split holds at least 2 images.
-            splits = min(ISC_SPLITS, max(1, n // 2))
-            isc = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=KID_RNG_SEED)
+            splits = min(DEFAULTS["isc_splits"], max(1, n // 2))
+            isc = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=DEFAULTS["rng_seed"])
             out["isc_mean"] = isc[KEY_METRIC_ISC_MEAN]
             out["isc_std"] = isc[KEY_METRIC_ISC_STD]
         out["num_samples"] = n
