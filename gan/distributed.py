@@ -24,6 +24,7 @@ import torch.nn as nn
 
 from gan.config import flatten
 from gan.errors import UserError
+from models.mixture_norm import sum_over_ranks
 
 _control_group = None  # gloo group for host-side messages (the default group when it is gloo already)
 
@@ -258,11 +259,11 @@ def _cpu_sync_batch_norm(bn: SyncBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     group = bn.process_group or dist.group.WORLD
     c = x.shape[1]
     dims = (0, 2, 3)
-    total = _sum_over_ranks(torch.cat([x.sum(dims), x.new_full((1,), x.numel() // c)]), group)
+    total = sum_over_ranks(torch.cat([x.sum(dims), x.new_full((1,), x.numel() // c)]), group)
     n = total[c]
     mean = total[:c] / n
     xc = x - mean.view(1, c, 1, 1)
-    var = _sum_over_ranks(xc.square().sum(dims), group) / n
+    var = sum_over_ranks(xc.square().sum(dims), group) / n
     y = xc * torch.rsqrt(var + bn.eps).view(1, c, 1, 1)
     if bn.affine:
         y = y * bn.weight.view(1, c, 1, 1) + bn.bias.view(1, c, 1, 1)
@@ -273,12 +274,6 @@ def _cpu_sync_batch_norm(bn: SyncBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
             bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), f)
             bn.running_var.lerp_(unbiased.detach().to(bn.running_var.dtype), f)
     return y
-
-
-def _sum_over_ranks(t: torch.Tensor, group) -> torch.Tensor:
-    """All-reduce (sum) that autograd differentiates: its backward all-reduces the gradient."""
-    import torch.distributed._functional_collectives as funcol
-    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
 
 
 def sync_norms(module: nn.Module) -> nn.Module:

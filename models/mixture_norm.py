@@ -66,6 +66,12 @@ _TAU_MIN = 1e-20
 Reduce = Callable[[Tensor], Tensor]
 
 
+def sum_over_ranks(t: Tensor, group) -> Tensor:
+    """All-reduce (sum) that autograd differentiates: its backward all-reduces the gradient."""
+    import torch.distributed._functional_collectives as funcol
+    return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+
+
 def _identity(t: Tensor) -> Tensor:
     return t
 
@@ -331,13 +337,21 @@ def _normalize_math(X, X2c, shift, tau, scale, weight, bias, eps: float, reduce:
     # the clamp is active.
     V = ((s2 - 2.0 * E * s1) / n[:, None] + (n_true / n)[:, None] * E * E).clamp_min(0.0)
     r = torch.rsqrt(V + eps)
+    P, Q = _coefficients(scale, r, E + shift, weight, bias)  # E + shift: X is not centered
+    return _mix_apply(X, tau, P, Q, out), E, V, n_true, n, r
+
+
+def _coefficients(scale: Tensor, r: Tensor, center: Tensor, weight: Tensor | None, bias: Tensor | None
+                  ) -> tuple[Tensor, Tensor]:
+    """y = sum_k tau_k (P_k x + Q_k): P = scale_k r_k gamma, Q = beta - P center_k. One builder for the training
+    and the running transform, so that the two stay the same maths."""
     P = scale[:, None] * r
     if weight is not None:
         P = P * weight
-    Q = -P * (E + shift)  # X is not centered
+    Q = -P * center
     if bias is not None:
         Q = Q + bias
-    return _mix_apply(X, tau, P, Q, out), E, V, n_true, n, r
+    return P, Q
 
 
 class _MixtureNormFunction(torch.autograd.Function):
@@ -612,10 +626,8 @@ class _MixtureNorm(nn.Module):
         if self._world()[0] == 1:
             return t
         group = self.process_group if self.process_group is not None else dist.group.WORLD
-        if differentiable:  # autograd's all_reduce: its backward all-reduces the gradient
-            import torch.distributed._functional_collectives as funcol
-
-            return funcol.wait_tensor(funcol.all_reduce(t, "sum", group))
+        if differentiable:
+            return sum_over_ranks(t, group)
         dist.all_reduce(t, group=group)
         return t
 
@@ -833,12 +845,7 @@ class _MixtureNorm(nn.Module):
         E = self.running_E.to(dtype)
         r = torch.rsqrt(self.running_V.to(dtype) + self.eps)
         weight, bias = self._affine(dtype)
-        P = scale[:, None] * r
-        if weight is not None:
-            P = P * weight
-        Q = -P * E
-        if bias is not None:
-            Q = Q + bias
+        P, Q = _coefficients(scale, r, E, weight, bias)
         if info is not None:
             tau_out = _from_ncl(tau.detach(), (shape[0], tau.shape[1], *shape[2:]), sm)
             info.update(tau=tau_out, n=tau.detach().sum((0, 2)), E=E, V=self.running_V.to(dtype),
