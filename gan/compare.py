@@ -114,6 +114,21 @@ def expand_run_dirs(paths) -> list[Path]:
     return unique
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """A run's metrics.jsonl records by step (the last line of a step wins); lines cut by a crash are skipped."""
+    by_step: dict[int, dict] = {}
+    if path.is_file():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+                step = rec["step"]
+            except (ValueError, KeyError, TypeError):
+                continue
+            if isinstance(step, int):
+                by_step[step] = rec
+    return [by_step[s] for s in sorted(by_step)]
+
+
 def read_run(path: Path, metric_key: str) -> Run:
     try:
         raw = yaml.safe_load((path / "config.yaml").read_text())
@@ -122,18 +137,7 @@ def read_run(path: Path, metric_key: str) -> Run:
         raise CompareError(f"compare: {path}/config.yaml is not valid YAML") from None
     except UserError as e:
         raise CompareError(f"compare: {path}/config.yaml does not load here: {e}") from None
-    by_step: dict[int, dict] = {}
-    metrics = path / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                rec = json.loads(line)
-                step = rec["step"]
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by a crash
-            if isinstance(step, int):
-                by_step[step] = rec
-    records = [by_step[s] for s in sorted(by_step)]
+    records = read_metrics(path / "metrics.jsonl")
     evals = [{"step": r["step"], "value": float(r[metric_key]),
               "train_time": float(r["train_time"]) if _finite(r.get("train_time")) else None}
              for r in records if _finite(r.get(metric_key))]

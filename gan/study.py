@@ -168,15 +168,9 @@ def load_study(path: str | Path) -> Study:
 # ---------------------------------------------------------------- where each run stands
 
 def _last_logged_step(run_dir: Path) -> int:
-    last = 0
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                last = max(last, int(json.loads(line)["step"]))
-            except (ValueError, KeyError, TypeError):
-                continue
-    return last
+    from gan.compare import read_metrics
+    records = read_metrics(run_dir / "metrics.jsonl")
+    return records[-1]["step"] if records else 0
 
 
 def run_state(run: PlannedRun) -> tuple[str, str]:
@@ -189,7 +183,7 @@ def run_state(run: PlannedRun) -> tuple[str, str]:
     try:
         saved = config_from_dict(yaml.safe_load(saved_file.read_text()) or {})
         diff = config_diff(saved, run.config, RESUMABLE_CHANGES)
-    except (UserError, yaml.YAMLError):
+    except (UserError, yaml.YAMLError, OSError):
         diff = ["config.yaml"]
     if diff and has_ckpt:
         return "conflict", (f"{run.run_dir} holds a run with a different config ({', '.join(diff[:3])}); "
