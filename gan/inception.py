@@ -155,6 +155,10 @@ def _converted_cache_path(cache_dir: str, source_sha1: str) -> str:
     return os.path.join(cache_dir, f"inception-2015-12-05-nohead-fidhelper{source_sha1[:8]}-v{CONVERTER_VERSION}.pth")
 
 
+def _weights_at(path: str) -> InceptionWeights:
+    return InceptionWeights(path, _check_state_dict(path), _file_hash(path)[:12])
+
+
 def resolve_inception_weights(weights_path: str | None, cache_dir: str | None,
                               allow_download: bool = False, verbose: bool = True) -> InceptionWeights:
     """Finds Inception weights in torch-fidelity's layout, never touching the network unless allowed.
@@ -169,11 +173,11 @@ def resolve_inception_weights(weights_path: str | None, cache_dir: str | None,
         if not os.path.isfile(path):
             raise FileNotFoundError(f"Inception weights not found: {path} (pass an existing torch-fidelity "
                                     f"InceptionV3 state dict, or omit the path to use the cache/conversion)")
-        return InceptionWeights(path, _check_state_dict(path), _file_hash(path)[:12])
+        return _weights_at(path)
 
     hub_path = os.path.join(torch.hub.get_dir(), "checkpoints", TORCH_FIDELITY_WEIGHTS_NAME)
     if os.path.isfile(hub_path):
-        return InceptionWeights(hub_path, _check_state_dict(hub_path), _file_hash(hub_path)[:12])
+        return _weights_at(hub_path)
     tried.append(f"torch hub cache {hub_path} (missing)")
 
     if allow_download:
@@ -181,7 +185,7 @@ def resolve_inception_weights(weights_path: str | None, cache_dir: str | None,
             torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, progress=verbose, check_hash=True,
                                                weights_only=True, map_location="cpu")
             if os.path.isfile(hub_path):
-                return InceptionWeights(hub_path, _check_state_dict(hub_path), _file_hash(hub_path)[:12])
+                return _weights_at(hub_path)
             tried.append(f"download {URL_INCEPTION_V3} (file not at {hub_path} afterwards)")
         except Exception as e:  # offline etc.: fall back to the conversion
             first_line = (str(e).splitlines() or [""])[0]
@@ -207,7 +211,7 @@ def resolve_inception_weights(weights_path: str | None, cache_dir: str | None,
                     print(f"Converting {ts_path} -> {out_path} (once)", file=sys.stderr)
                 os.makedirs(os.path.dirname(out_path), exist_ok=True)
                 atomic_save(convert_fid_helper_state_dict(ts_path), out_path)
-            return InceptionWeights(out_path, _check_state_dict(out_path), _file_hash(out_path)[:12])
+            return _weights_at(out_path)
 
     raise MetricsError("no Inception weights: tried " + "; ".join(tried) + ". Fix: pass an explicit weights path, "
                        f"put torch-fidelity's {TORCH_FIDELITY_WEIGHTS_NAME} into {os.path.dirname(hub_path)}, "
