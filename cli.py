@@ -194,9 +194,11 @@ def diagnose(checkpoint, out_dir, num_samples, channels, device):
 @click.option("--ngf", type=int, default=64, show_default=True, help="Generator/discriminator width.")
 @click.option("--eval-images", type=int, default=250, show_default=True,
               help="Generated (and as many real) images for the eval benchmark.")
+@click.option("--weights", type=click.Path(dir_okay=False, exists=True),
+              help="Inception weights file for the eval benchmark [default: metrics.inception_weights' default].")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the numbers here.")
 @user_errors
-def bench(which, device, steps, repeats, ngf, eval_images, json_file):
+def bench(which, device, steps, repeats, ngf, eval_images, weights, json_file):
     """Speed as ratios measured side by side in this process (median of repeats, after warm-up).
 
     train: our step vs the classic DCGAN example's loop; norm: MN vs BN step time and memory;
@@ -215,7 +217,7 @@ def bench(which, device, steps, repeats, ngf, eval_images, json_file):
     if which in ("norm", "all"):
         rows += bench_norm(dev, steps, repeats, ngf)
     if which in ("eval", "all"):
-        rows += bench_eval(dev, eval_images, repeats=max(1, repeats // 2))
+        rows += bench_eval(dev, eval_images, repeats=max(1, repeats // 2), weights_path=weights)
     click.echo(format_table(rows, dev))
     if json_file:
         Path(json_file).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
@@ -234,8 +236,10 @@ def bench(which, device, steps, repeats, ngf, eval_images, json_file):
               help="Group the speed-ups are relative to: a group label or one of its run folders "
                    "[default: the bn group].")
 @click.option("--force", is_flag=True, help="Compare runs even when their data or evaluation setup differs.")
+@click.option("--common-steps", is_flag=True,
+              help="Only evaluations up to the last step every run reached (runs of unequal length).")
 @user_errors
-def compare(run_dirs, out, metric, target, baseline, force):
+def compare(run_dirs, out, metric, target, baseline, force, common_steps):
     """Compare runs: metric curves (PNG), a markdown table and JSON.
 
     RUN_DIR is a run folder (config.yaml + metrics.jsonl), or a folder of run folders such as a study's
@@ -252,7 +256,7 @@ def compare(run_dirs, out, metric, target, baseline, force):
     """
     from gan.compare import compare_runs
     result = compare_runs(run_dirs, out, metric, target, force, baseline,
-                          warn=lambda m: click.echo(m, err=True))
+                          warn=lambda m: click.echo(m, err=True), common_steps=common_steps)
     click.echo(result.markdown)
     click.echo(f"wrote {', '.join(str(f) for f in result.files)}")
 
@@ -260,10 +264,19 @@ def compare(run_dirs, out, metric, target, baseline, force):
 @cli.command()
 @click.argument("study_file", type=click.Path(dir_okay=False))
 @click.option("--jobs", "-j", type=click.IntRange(min=1), default=1, show_default=True,
-              help="Runs trained at once (a GPU is mostly idle with one small DCGAN: try 3-4 there; 1 on a CPU).")
+              help="Runs trained at once, one process each (a GPU is mostly idle with one small DCGAN: "
+                   "try 4-6 there; 1 on a CPU). With several GPUs, runs are spread over them.")
+@click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True),
+              help="Stop every run cleanly (checkpoint) this long after the start, then compare over the "
+                   "steps all runs reached [default: the file's budget_minutes, else none].")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
+              help="Config override for every run, over the file's set: (repeatable).")
 @click.option("--dry-run", is_flag=True, help="List each run's state and command; train nothing.")
+@click.option("--emit-commands", is_flag=True,
+              help="Print one self-contained train command per unfinished run (for a SLURM array or "
+                   "any scheduler) and exit; a later `study FILE` compares what has finished.")
 @user_errors
-def study(study_file, jobs, dry_run):
+def study(study_file, jobs, budget_minutes, sets, dry_run, emit_commands):
     """Train every (variant, seed) of a study file, then compare them into OUT/compare.
 
     \b
@@ -272,17 +285,26 @@ def study(study_file, jobs, dry_run):
       out: runs/study-cpu           # runs go to OUT/<variant>-s<seed>
       seeds: [0, 1]                 # default seeds
       set: {train.device: cpu}      # optional overrides for every variant
+      budget_minutes: 7             # optional time budget for the whole study
       variants:                     # name: dotted overrides [+ own seeds]
         bn: {model.norm: bn}
         mn: {model.norm: mn}
         mn-layer0: {model.norm: mn, model.mn_layers: [0], seeds: [0]}
 
     Each run is `cli.py train --config BASE --set ... --seed S --out OUT/<run> --resume auto --quiet`,
-    logged to OUT/<run>/train.log. Finished runs are skipped and stopped ones resume, so after Ctrl-C
-    (each run saves a checkpoint) the same command continues the study.
+    logged to OUT/<run>/train.log. The reference statistics are computed once before the runs start.
+    Finished runs are skipped and stopped ones resume, so after Ctrl-C or the budget (each run saves a
+    checkpoint) the same command continues the study.
     """
-    from gan.study import load_study, run_study
-    run_study(load_study(study_file), jobs, dry_run, echo=click.echo, warn=lambda m: click.echo(m, err=True))
+    from gan.config import parse_assignment
+    from gan.study import emit_commands as commands, load_study, run_study
+    study = load_study(study_file, dict(parse_assignment(s) for s in sets))
+    if emit_commands:
+        for line in commands(study):
+            click.echo(line)
+        return
+    run_study(study, jobs, dry_run, echo=click.echo, warn=lambda m: click.echo(m, err=True),
+              budget_minutes=budget_minutes)
 
 
 if __name__ == "__main__":

@@ -176,14 +176,14 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
     return rows
 
 
-def bench_eval(device: torch.device, num_images: int, repeats: int) -> list[Row]:
+def bench_eval(device: torch.device, num_images: int, repeats: int, weights_path: str | None = None) -> list[Row]:
     import torch_fidelity
     from gan.inception import weights_for_torch_fidelity
     from gan.metrics import Evaluator, resolve_inception_weights
     from gan.sampling import generate, to_uint8
     from models.dcgan import Generator, dcgan_init
 
-    weights = resolve_inception_weights(None, None)
+    weights = resolve_inception_weights(weights_path, None)
     g = Generator(100, 32)
     dcgan_init(g)
     fake = to_uint8(generate(g.to(device), num_images, 100, 0, device))

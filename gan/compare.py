@@ -440,8 +440,11 @@ def default_out(runs: list[Path]) -> Path:
 
 def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", target: Optional[float] = None,
                  force: bool = False, baseline: Optional[str] = None,
-                 warn: Callable[[str], None] = lambda m: None) -> CompareResult:
-    """Read the runs, group them, write compare[-kid].{md,json,png} to `out`; see the module docstring."""
+                 warn: Callable[[str], None] = lambda m: None, common_steps: bool = False) -> CompareResult:
+    """Read the runs, group them, write compare[-kid].{md,json,png} to `out`; see the module docstring.
+
+    common_steps: only the evaluations up to the last step that every run reached, so that runs stopped
+    at different steps (a time budget) are judged over the same training."""
     if metric not in METRICS:
         raise CompareError(f"compare: metric must be one of {', '.join(METRICS)}, got {metric!r}")
     metric_key = METRICS[metric]
@@ -467,6 +470,12 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
     for s in skipped:
         warn(f"warning: skipping {s['run']}: {s['reason']}")
 
+    upto = None
+    if common_steps:
+        upto = min(r.evals[-1]["step"] for r in kept)
+        for r in kept:
+            r.evals = [e for e in r.evals if e["step"] <= upto]
+
     groups, differing = group_runs(kept)
     base = pick_baseline(groups, baseline)
     base_numbers = group_numbers(base, None)
@@ -487,7 +496,10 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
     if any("jpeg" in s.lower() for s in sources):
         notes.append("Data: a JPEG re-encoding of CIFAR-10 (lossy); absolute FID/KID are not comparable with "
                      "published numbers, only between these runs.")
+    if upto is not None:
+        notes.append(f"Compared over the evaluations up to step {upto}, the last one every run reached.")
     result = {
+        "common_steps_upto": upto,
         "metric": metric, "metric_key": metric_key, "target": target, "target_source": target_source,
         "baseline": base.label, "grouping_keys": differing, "notes": notes,
         "skipped": skipped, "groups": numbers,

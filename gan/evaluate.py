@@ -33,9 +33,8 @@ def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.
 
 def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: str, reference: str | None,
                         grid: str | None, g_mode: str | None = None, progress: bool = True) -> dict:
-    from gan.metrics import Evaluator, resolve_inception_weights
     from gan.tracking import image_grid
-    from gan.sampling import build_reference, generate, to_uint8
+    from gan.sampling import evaluator_from_config, generate, to_uint8
     from gan.train import resolve_device
     from torchvision.utils import save_image
 
@@ -51,11 +50,7 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: s
     images = generate(G, n, cfg.model.z_dim, cfg.eval.seed, device, cfg.eval.batch_size, cfg.eval.g_mode)
     if grid:
         save_image(image_grid(images[:64]).float() / 255, grid)
-    m = cfg.metrics
-    weights = resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
-    load, ident = build_reference(cfg, progress=progress)
-    evaluator = Evaluator(weights, device, load, ident, cache_dir=m.cache_dir, batch_size=cfg.eval.batch_size,
-                          kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress)
+    evaluator = evaluator_from_config(cfg, device, progress=progress)
     result = {k: v if isinstance(v, int) else float(v) for k, v in evaluator.score(to_uint8(images)).items()}
     return {"checkpoint": str(checkpoint), "step": state["step"], "norm": cfg.model.norm,
             "generator": "ema" if state.get("ema") else "raw", "g_mode": cfg.eval.g_mode, "num_samples": n, **result}

@@ -96,12 +96,19 @@ class Evaluator:
         self.progress = progress
         self.has_head = weights.has_head
         self._features_list = ["2048", "logits_unbiased"] if self.has_head else ["2048"]
-        self.model = InceptionExtractor("inception-v3-compat", self._features_list, weights.path,
-                                        has_head=self.has_head)
-        self.model.eval().to(self.device, memory_format=torch.channels_last)
+        self._model: InceptionExtractor | None = None
         self._ref: dict | None = None
         if not self.has_head:
             _report_is_unavailable()
+
+    @property
+    def model(self) -> InceptionExtractor:
+        """The Inception network, loaded on first use: a cached reference and no images to score need none."""
+        if self._model is None:
+            model = InceptionExtractor("inception-v3-compat", self._features_list, self.weights.path,
+                                       has_head=self.has_head)
+            self._model = model.eval().to(self.device, memory_format=torch.channels_last)
+        return self._model
 
     # ----------------------------------------------------------------------------------------------- features
     def _forward_batch_size(self) -> int:

@@ -70,3 +70,17 @@ def build_reference(cfg: Config, train_data: Callable[[], ImageData] | None = No
             x = x[torch.randperm(len(x), generator=torch.Generator().manual_seed(0))[:n]]
         return x
     return images, f"{ident}-n{n}" if n else ident
+
+
+def evaluator_from_config(cfg: Config, device: torch.device, train_data: Callable[[], ImageData] | None = None,
+                          progress: bool = True, weights=None):
+    """The Evaluator a run's config describes: its Inception weights, reference images and metric settings.
+
+    weights: already resolved InceptionWeights (under torchrun rank 0 resolves them first); else resolved here."""
+    from gan.metrics import Evaluator, resolve_inception_weights
+    m = cfg.metrics
+    if weights is None:
+        weights = resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
+    load, ident = build_reference(cfg, train_data, progress)
+    return Evaluator(weights, device, load, ident, cache_dir=m.cache_dir, batch_size=cfg.eval.batch_size,
+                     kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress)

@@ -6,6 +6,7 @@ A study file (YAML; paths in it are relative to the current folder, like the pat
     out: runs/study-cpu            # run i goes to OUT/<variant>-s<seed>; the comparison to OUT/compare
     seeds: [0, 1]                  # seeds for every variant that does not list its own
     set: {train.device: cpu}       # optional: dotted overrides for every variant
+    budget_minutes: 7              # optional: stop every run cleanly this long after the study starts
     variants:                      # name: dotted config overrides (and optionally its own seeds)
       bn: {model.norm: bn}
       mn: {model.norm: mn}
@@ -15,6 +16,11 @@ Each run is `python cli.py train --config BASE --set K=V ... --seed S --out OUT/
 --resume auto --quiet` in a subprocess, its output appended to OUT/<run>/train.log. Runs that already
 reached train.steps are skipped and the others resume from their newest checkpoint, so a stopped study
 continues where it stopped when the same command is run again.
+
+Before any run starts, the reference statistics every run will score against are computed once here
+(and cached), so that concurrent runs do not each compute them. With a budget, every run still running
+at the deadline gets SIGTERM, saves a checkpoint and exits; the comparison then covers the evaluation
+steps that every run reached, and the same command continues the runs later.
 """
 from __future__ import annotations
 
@@ -37,7 +43,7 @@ from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict,
 from gan.errors import UserError
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
-KEYS = ("base", "out", "seeds", "set", "variants")
+KEYS = ("base", "out", "seeds", "set", "budget_minutes", "variants")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 STUDY_OWNED = {"run_dir": "the study puts runs in OUT/<variant>-s<seed>",
                "train.seed": "use seeds: [...] instead"}
@@ -72,6 +78,7 @@ class Study:
     base: str
     out: Path
     runs: list[PlannedRun]
+    budget_minutes: float | None = None
 
 
 # ---------------------------------------------------------------- the study file
@@ -107,8 +114,18 @@ def _set_arg(key: str, value) -> str:
     return f"{key}={text}"
 
 
-def load_study(path: str | Path) -> Study:
-    """Read and check a study file; every run's config is resolved and validated before anything runs."""
+def _budget(value, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise StudyError(f"study: {where} must be a number of minutes > 0, got {value!r}")
+    return float(value)
+
+
+def load_study(path: str | Path, sets: dict | None = None) -> Study:
+    """Read and check a study file; every run's config is resolved and validated before anything runs.
+
+    `sets`: dotted overrides for every run (the command line's --set), applied over the file's."""
     path = Path(path)
     if not path.is_file():
         raise StudyError(f"study: no such file: {path}")
@@ -134,7 +151,8 @@ def load_study(path: str | Path) -> Study:
     if not isinstance(out, str) or not out:
         raise StudyError(f"study: {path}: out must be a folder path, got {out!r}")
     seeds = _seeds(data.get("seeds", [0]), "seeds", path)
-    common = _overrides(data.get("set"), "set", path)
+    common = {**_overrides(data.get("set"), "set", path), **_overrides(sets, "--set", path)}
+    budget = _budget(data.get("budget_minutes"), f"{path}: budget_minutes")
     variants = data["variants"]
     if not isinstance(variants, dict) or not variants:
         raise StudyError(f"study: {path}: variants must be a non-empty mapping of name: {{dotted.key: value}}")
@@ -162,7 +180,7 @@ def load_study(path: str | Path) -> Study:
                 argv += ["--set", s]
             argv += ["--seed", str(seed), "--out", str(run_dir), "--resume", "auto", "--quiet"]
             runs.append(PlannedRun(run_name, name, seed, run_dir, cfg, sets, argv))
-    return Study(path, base, Path(out), runs)
+    return Study(path, base, Path(out), runs, budget)
 
 
 # ---------------------------------------------------------------- where each run stands
@@ -212,17 +230,80 @@ def _last_line(log: Path) -> str:
     return lines[-1][:300] if lines else ""
 
 
+def visible_gpus(env: dict) -> list[str]:
+    """The GPUs runs may be placed on: CUDA_VISIBLE_DEVICES when set, else every device torch sees."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def place(load: dict[str, int], gpus: list[str]) -> str:
+    """The GPU with the fewest runs on it now (the first such): round-robin when runs start together."""
+    return min(gpus, key=lambda g: (load.get(g, 0), gpus.index(g)))
+
+
+def uses_gpu(run: PlannedRun) -> bool:
+    return run.config.train.device in ("auto", "cuda")
+
+
+def prepare_references(runs: list[PlannedRun], echo: Callable[[str], None]) -> None:
+    """Compute (and cache) the reference statistics of every run that evaluates, once, before the runs start.
+
+    Concurrent runs would otherwise each decode the reference images and run Inception over them at
+    their first evaluation, all at once; each run then just loads the cache file."""
+    import torch
+    from gan.sampling import evaluator_from_config
+    from gan.train import resolve_device
+    done = set()
+    for r in runs:
+        cfg = r.config
+        if not cfg.eval.every:
+            continue
+        ev = evaluator_from_config(cfg, resolve_device(cfg.train.device), progress=False)
+        if ev.reference_cache_path in done or os.path.isfile(ev.reference_cache_path):
+            done.add(ev.reference_cache_path)
+            continue
+        t0 = time.monotonic()
+        echo(f"reference statistics of {cfg.eval.reference} ({ev.reference_id}), once for every run ...")
+        ev.prepare_reference()
+        echo(f"  cached in {_duration(time.monotonic() - t0)}: {ev.reference_cache_path}")
+        done.add(ev.reference_cache_path)
+        del ev
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def emit_commands(study: Study) -> list[str]:
+    """One self-contained shell command per run that is not finished (for SLURM arrays or any scheduler)."""
+    cwd = shlex.quote(os.getcwd())
+    lines = []
+    for r in study.runs:
+        state, why = run_state(r)
+        if state in ("new", "resume"):
+            lines.append(f"cd {cwd} && {r.command}")
+        elif state == "conflict":
+            raise StudyError(f"study: {r.name}: {why}")
+    return lines
+
+
 def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
-              echo: Callable[[str], None] = print, warn: Callable[[str], None] = print):
+              echo: Callable[[str], None] = print, warn: Callable[[str], None] = print,
+              budget_minutes: float | None = None):
     """Train every planned run that is not finished, `jobs` at a time, then compare them all.
 
+    budget_minutes (else the study file's): at that time after the start, every run still training is
+    stopped with a checkpoint; the comparison covers the steps that every run reached.
     Returns the fid CompareResult (None for a dry run)."""
+    started = time.monotonic()
+    budget = budget_minutes if budget_minutes is not None else study.budget_minutes
     states = {r.name: run_state(r) for r in study.runs}
     todo = [r for r in study.runs if states[r.name][0] in ("new", "resume")]
     conflicts = [r for r in study.runs if states[r.name][0] == "conflict"]
     finished = len(study.runs) - len(todo) - len(conflicts)
     echo(f"study {study.path}: {len(study.runs)} runs ({finished} finished, {len(todo)} to train"
-         + (f", {len(conflicts)} in conflict" if conflicts else "") + f"), {jobs} at a time, into {study.out}")
+         + (f", {len(conflicts)} in conflict" if conflicts else "") + f"), {jobs} at a time, into {study.out}"
+         + (f", budget {budget:g} min" if budget else ""))
     for r in study.runs:
         echo(f"  {r.name}: {states[r.name][1]}")
         if states[r.name][0] != "finished":
@@ -234,7 +315,11 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
     study.out.mkdir(parents=True, exist_ok=True)
     (study.out / "study.yaml").write_text(study.path.read_text())
     failed = [(r, states[r.name][1]) for r in conflicts]
-    if _train_all(todo, jobs, echo, failed):
+    if todo:
+        prepare_references(todo, echo)
+    deadline = started + budget * 60 if budget else None
+    outcome = _train_all(todo, jobs, echo, failed, deadline)
+    if outcome == "signal":
         raise StudyInterrupted(f"study stopped; run the same command again to continue "
                                f"(finished runs are skipped, stopped ones resume from their checkpoint)")
 
@@ -244,7 +329,7 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
     if dirs:
         for metric in ("fid", "kid"):
             try:
-                res = compare_runs(dirs, study.out / "compare", metric, warn=warn)
+                res = compare_runs(dirs, study.out / "compare", metric, warn=warn, common_steps=True)
             except CompareError as e:
                 warn(f"{'error' if metric == 'fid' else 'warning'}: {e}")
                 continue
@@ -253,6 +338,9 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
                 echo("")
                 echo(res.markdown)
             echo(f"wrote {', '.join(str(f) for f in res.files)}")
+    if outcome == "budget":
+        echo(f"budget of {budget:g} min reached after {_duration(time.monotonic() - started)}: the runs stopped "
+             f"with a checkpoint; run the same command again to continue them")
     if failed:
         raise StudyError(f"study: {len(failed)} of {len(study.runs)} runs failed: "
                          + "; ".join(f"{r.name} ({why})" for r, why in failed)
@@ -262,23 +350,33 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
     return result
 
 
-def _train_all(todo: list[PlannedRun], jobs: int, echo, failed: list) -> bool:
-    """Run the subprocesses, appending failures to `failed`; True when a signal stopped the study."""
+def _train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: float | None = None) -> str:
+    """Run the subprocesses, appending failures to `failed`.
+
+    Returns "done", "signal" (SIGINT/SIGTERM stopped the study) or "budget" (the deadline stopped it)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if jobs > 1 and "OMP_NUM_THREADS" not in env:  # share the CPU cores instead of each run taking them all
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    gpus = visible_gpus(env) if any(uses_gpu(r) for r in todo) else []
+    gpu_load: dict[str, int] = {}
     queue = list(todo)
-    running: dict[str, tuple[subprocess.Popen, PlannedRun, float, object]] = {}
+    running: dict[str, tuple[subprocess.Popen, PlannedRun, float, object, str | None]] = {}
     signals = []
+    stop_reason: list[str] = []
+
+    def stop_all(reason: str) -> None:
+        stop_reason.append(reason)
+        queue.clear()
+        for proc, *_ in running.values():  # runs are in their own session: the terminal's signal skips them
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
 
     def on_signal(signum, frame):
         signals.append(signum)
         if len(signals) == 1:
             print(f"\n{signal.Signals(signum).name}: stopping the study; each running run saves a checkpoint "
                   f"(press Ctrl-C again to stop them at once)", file=sys.stderr)
-        for proc, *_ in running.values():  # runs are in their own session: the terminal's signal skips them
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
+        stop_all("signal")
 
     handlers = {}
     if threading.current_thread() is threading.main_thread():
@@ -286,43 +384,53 @@ def _train_all(todo: list[PlannedRun], jobs: int, echo, failed: list) -> bool:
     done, total = 0, len(todo)
     try:
         while queue or running:
-            while queue and len(running) < jobs and not signals:
+            if deadline is not None and not stop_reason and time.monotonic() >= deadline:
+                echo(f"budget reached: stopping {len(running)} running runs (each saves a checkpoint)"
+                     + (f"; {len(queue)} not started" if queue else ""))
+                stop_all("budget")
+            while queue and len(running) < jobs and not stop_reason:
                 r = queue.pop(0)
                 r.run_dir.mkdir(parents=True, exist_ok=True)
+                run_env, gpu = env, None
+                if len(gpus) > 1 and uses_gpu(r):  # one GPU per run; several runs share one when jobs > GPUs
+                    gpu = place(gpu_load, gpus)
+                    gpu_load[gpu] = gpu_load.get(gpu, 0) + 1
+                    run_env = dict(env, CUDA_VISIBLE_DEVICES=gpu)
                 log = open(r.run_dir / "train.log", "a")
-                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {r.command}\n")
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                          + (f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else "") + f"{r.command}\n")
                 log.flush()
                 proc = subprocess.Popen(r.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=env, start_new_session=True)
-                running[r.name] = (proc, r, time.monotonic(), log)
-                echo(f"[{done}/{total}] start  {r.name}")
-            if signals and not running:
+                                        env=run_env, start_new_session=True)
+                running[r.name] = (proc, r, time.monotonic(), log, gpu)
+                echo(f"[{done}/{total}] start  {r.name}" + (f" on GPU {gpu}" if gpu is not None else ""))
+            if stop_reason and not running:
                 break
-            if signals:
-                queue.clear()
             time.sleep(0.2)
-            for name, (proc, r, t0, log) in list(running.items()):
+            for name, (proc, r, t0, log, gpu) in list(running.items()):
                 code = proc.poll()
                 if code is None:
                     continue
                 log.close()
                 del running[name]
+                if gpu is not None:
+                    gpu_load[gpu] -= 1
                 done += 1
                 took = _duration(time.monotonic() - t0)
                 if code == 0:
                     echo(f"[{done}/{total}] done   {name} in {took}")
-                elif signals and code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM):
+                elif stop_reason and code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM):
                     echo(f"[{done}/{total}] stopped {name} after {took}")
                 else:
                     why = f"exit {code}: {_last_line(r.run_dir / 'train.log')}; log: {r.run_dir / 'train.log'}"
                     failed.append((r, f"exit {code}"))
                     echo(f"[{done}/{total}] FAILED {name} after {took} ({why})")
     finally:
-        for proc, r, t0, log in running.values():  # only on an unexpected error in this loop
+        for proc, r, t0, log, gpu in running.values():  # only on an unexpected error in this loop
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
                 proc.wait()
             log.close()
         for s, h in handlers.items():
             signal.signal(s, h)
-    return bool(signals)
+    return stop_reason[0] if stop_reason else "done"

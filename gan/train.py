@@ -17,7 +17,7 @@ from gan import distributed
 from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict, flatten
 from gan.data import BatchStream, ImageData, load_dataset
 from gan.errors import UserError
-from gan.sampling import build_reference, generate, to_uint8
+from gan.sampling import evaluator_from_config, generate, to_uint8
 from gan.tracking import RunLogger
 from models.dcgan import build_models
 
@@ -330,7 +330,7 @@ class Trainer:
 
     def _evaluator(self):
         if self.evaluator is None:
-            from gan.metrics import Evaluator, resolve_inception_weights
+            from gan.metrics import resolve_inception_weights
             m = self.cfg.metrics
 
             def resolve():
@@ -339,10 +339,7 @@ class Trainer:
             weights = distributed.on_main(resolve)
             if not self.is_main:
                 weights = resolve()
-            load, ident = build_reference(self.cfg, lambda: self.data, self.progress)
-            self.evaluator = Evaluator(weights, self.device, load, ident, cache_dir=m.cache_dir,
-                                       batch_size=self.cfg.eval.batch_size, kid_subset_size=m.kid_subset_size,
-                                       kid_subsets=m.kid_subsets, verbose=self.progress)
+            self.evaluator = evaluator_from_config(self.cfg, self.device, lambda: self.data, self.progress, weights)
         return self.evaluator
 
     def evaluate(self) -> dict:

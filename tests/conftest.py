@@ -101,6 +101,7 @@ _FAULT_TALLY = {"fault": [0, 0], "bad_input": [0, 0]}
 def pytest_configure(config):
     config.addinivalue_line("markers", "fault: a fault a run must survive (tallied in the summary line)")
     config.addinivalue_line("markers", "bad_input: an input the CLI must reject (tallied in the summary line)")
+    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one (`pytest -m cuda` on a GPU)")
 
 
 @pytest.hookimpl(wrapper=True)

@@ -286,7 +286,7 @@ def test_study_skips_finished_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"variant": {}}, "unknown key 'variant' (known: base, out, seeds, set, variants"),
+    ({"variant": {}}, "unknown key 'variant' (known: base, out, seeds, set, budget_minutes, variants"),
     ({"base": "nope.yaml"}, "base config nope.yaml not found"),
     ({"seeds": [0, "one"]}, "seeds must be a non-empty list of seeds"),
     ({"variants": {"mn": {"model.nrom": "mn"}}}, "variant 'mn': config: unknown key 'model.nrom'"),
@@ -325,7 +325,9 @@ def test_shipped_study_files_plan_the_issue_runs(monkeypatch):
     assert (base.eval.every, base.eval.num_samples, base.ckpt.every) == (1000, 1000, 1000)
     assert base.eval.reference == "../shared/data/cifar10-jpeg75-test.zip" and base.data.source == "folder"
     gpu = load_study("configs/study-gpu-runs.yaml")
+    assert [r.name for r in gpu.runs] == ["bn-s0", "bn-s1", "bn-s2", "mn-s0", "mn-s1", "mn-s2"]
     g = gpu.runs[0].config
-    assert g.model.ngf == 64 and g.eval.num_samples == 10_000 and g.eval.reference == "train"
-    assert g.train.steps > base.train.steps
-    assert {r.variant for r in cpu.runs} < {r.variant for r in gpu.runs}  # plus the g_mode: train runs
+    assert (g.model.ngf, g.model.ndf, g.train.batch_size) == (64, 64, 64)
+    assert g.eval.num_samples == 10_000 and g.eval.reference == "train" and g.eval.reference_samples == 0
+    assert g.train.steps % g.eval.every == 0 and g.ckpt.every == g.eval.every  # every run: the same eval steps
+    assert gpu.budget_minutes is not None and gpu.budget_minutes <= 7
