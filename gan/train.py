@@ -124,8 +124,11 @@ class Trainer:
         self.fixed_z_seed = cfg.train.seed + 10_007
         self.evaluator = None
         if self.is_main:
-            self.logger = RunLogger(self.run_dir, cfg.to_dict(), resolve_wandb_mode(wandb_mode, cfg.log.wandb),
-                                    cfg.log.wandb_project, self.step if state is not None else None)
+            mode, why = resolve_wandb_mode(wandb_mode, cfg.log.wandb)
+            if self.progress or mode != "disabled":
+                print(f"wandb: {mode} ({why})", file=sys.stderr)
+            self.logger = RunLogger(self.run_dir, cfg.to_dict(), mode, cfg.log.wandb_project,
+                                    self.step if state is not None else None)
         else:
             self.logger = NullLogger()
         self._stop_signal: int | None = None

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 SIZES = {
     "gpu": {"fid_samples": [10_000, 50_000], "probe_minutes": 0.75, "jobs": 6, "bench": ["--repeats", "3"],
             "probe_set": []},
-    "dry": {"fid_samples": [64, 128], "probe_minutes": 0.4, "jobs": 2,
+    "dry": {"fid_samples": [64], "probe_minutes": 0.4, "jobs": 2,
             "bench": ["--steps", "2", "--repeats", "1", "--ngf", "16", "--eval-images", "16"],
             "probe_set": ["model.ngf=8", "model.ndf=8", "train.batch_size=16", "train.threads=1"]},
 }
@@ -111,13 +111,14 @@ def cuda_tests(check: Check, env: dict) -> dict:
     return {"counts": counts}
 
 
-def fid_timing(device: str, test_data: str, weights: str | None, sizes: list[int]) -> dict:
+def fid_timing(device: str, test_data: str, weights: str | None, sizes: list[int], download: bool) -> dict:
     import torch
     from gan.config import load_config
     from gan.sampling import evaluator_from_config, generate, to_uint8
     from models.dcgan import build_models
     cfg = load_config(ROOT / "configs" / "study-gpu.yaml",
-                      {"eval.reference": test_data, "metrics.inception_weights": weights})
+                      {"eval.reference": test_data, "metrics.inception_weights": weights,
+                       "metrics.allow_download": download})
     dev = torch.device(device)
     G, _ = build_models(cfg)  # untrained: the timing does not depend on what the images show
     G.to(dev).eval()
@@ -285,7 +286,8 @@ def main() -> int:
         ("cuda_tests", lambda: cuda_tests(check, env)),
         ("probe", lambda: probe(check, env, out, data, test_data, weights, size["probe_minutes"], size["jobs"],
                                 size["probe_set"])),
-        ("fid_timing", lambda: fid_timing(device, test_data, weights, size["fid_samples"])),
+        # The dry run (CI) never touches the network; a GPU box may try torch-fidelity's download once.
+        ("fid_timing", lambda: fid_timing(device, test_data, weights, size["fid_samples"], not args.cpu_dry_run)),
         ("bench", lambda: bench(check, env, out, device, weights, size["bench"])),
     ]
     for name, fn in stages:

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny datasets made on the fly, and configs for runs that take seconds on a CPU."""
 from __future__ import annotations
 
+import ipaddress
 import os
+import socket
 import zipfile
 from pathlib import Path
 
@@ -23,12 +25,30 @@ def _isolated_env(tmp_path_factory):
     # Tiny tensors gain nothing from threads, and on a busy 2-core machine OpenMP threads waiting
     # for each other slowed steps 5-100x.
     torch.set_num_threads(1)
+    # Tests never touch the network: connections anywhere but this machine fail at once (in this process;
+    # the runs tests start as subprocesses set metrics.allow_download false and wandb disabled).
+    real_connect = socket.socket.connect
+
+    def local_only(sock, address, *args):
+        host = address[0] if isinstance(address, tuple) else None
+        if host is not None and sock.family in (socket.AF_INET, socket.AF_INET6) and not _is_loopback(host):
+            raise OSError(f"tests do not use the network (connect to {address!r})")
+        return real_connect(sock, address, *args)
+    socket.socket.connect = local_only
     yield
+    socket.socket.connect = real_connect
     for k, v in old.items():
         if v is None:
             os.environ.pop(k, None)
         else:
             os.environ[k] = v
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def make_images(n: int, seed: int = 0, size: int = 32) -> torch.Tensor:
@@ -75,7 +95,7 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> dict:
         "train.steps": 20, "train.batch_size": 8, "train.device": "cpu",
         "eval.every": 0, "eval.num_samples": 16, "eval.batch_size": 16,
         "log.every": 5, "log.sample_every": 10, "log.wandb": "disabled",
-        "ckpt.every": 10, "ckpt.keep": 5,
+        "ckpt.every": 10, "ckpt.keep": 5, "metrics.allow_download": False,
     }
     o.update(extra)
     return o

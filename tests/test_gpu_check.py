@@ -1,0 +1,66 @@
+"""scripts/gpu_check.sh, tested the way CI can: its --cpu-dry-run runs every stage on tiny sizes on the CPU."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+sys.path.insert(0, str(ROOT / "scripts"))
+import size_study  # noqa: E402
+
+
+def test_gpu_check_cpu_dry_run_runs_every_stage(tmp_path):
+    out = tmp_path / "check"
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--cpu-dry-run"],
+                       capture_output=True, text=True, timeout=900,
+                       env={**__import__("os").environ, "PYTHON": sys.executable})
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    stages = summary["stages"]
+    assert list(stages) == ["environment", "cuda_tests", "probe", "fid_timing", "bench"]
+    assert all(s["ok"] for s in stages.values()), {k: s.get("error") for k, s in stages.items()}
+    # On a CPU every CUDA test is collected and reported as skipped, never hidden.
+    counts = stages["cuda_tests"]["counts"]
+    assert counts.get("skipped", 0) >= 5 and not counts.get("passed") and not counts.get("failed")
+    probe = stages["probe"]
+    assert probe["bn"]["sec_per_step"] > 0 and probe["mn"]["sec_per_step"] > 0
+    assert all(s > 0 for s in probe["bn"]["steps"] + probe["mn"]["steps"])
+    fid = stages["fid_timing"]["runs"][0]
+    assert fid["samples"] == 64 and fid["fid"] > 0 and fid["seconds"] > 0
+    assert {row["bench"] for row in stages["bench"]["rows"]} == {"train", "norm", "eval"}
+    md = (out / "summary.md").read_text()
+    for heading in ("## Environment", "## CUDA tests", "## FID/KID wall time", "## Step time with 2 runs",
+                    "## bench all"):
+        assert heading in md
+    assert (out / "log.txt").stat().st_size > 0
+
+
+def test_gpu_check_refuses_a_machine_without_cuda_unless_dry_run(tmp_path):
+    r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(tmp_path / "c"), "--test-data", "x.zip"],
+                       capture_output=True, text=True, timeout=120,
+                       env={**__import__("os").environ, "PYTHON": sys.executable, "CUDA_VISIBLE_DEVICES": ""})
+    assert r.returncode == 2 and "no CUDA device" in r.stdout
+
+
+def _summary(mn_sps: float, fid10k_s: float, fid50k_s: float) -> dict:
+    return {"stages": {"probe": {"mn": {"sec_per_step": mn_sps}},
+                       "fid_timing": {"runs": [{"samples": 10_000, "seconds": fid10k_s},
+                                               {"samples": 50_000, "seconds": fid50k_s}]}}}
+
+
+def test_size_study_fits_the_slowest_variant_into_the_budget():
+    sets, why = size_study.size(_summary(mn_sps=0.02, fid10k_s=8.0, fid50k_s=30.0), budget_minutes=6, evals=6)
+    # train time = 360 - 30 (reference) - 30 (start) - 25 (reserve) - 6 * 8 * 2.5 = 155 s -> 7750 MN steps,
+    # 1291 per evaluation, rounded down to 1200.
+    assert why["train_s"] == 155.0
+    assert sets == {"train.steps": 7200, "eval.every": 1200, "ckpt.every": 1200, "log.sample_every": 1200}
+    assert sets["train.steps"] * 0.02 + 6 * why["eval_s"] + why["reference_s"] <= 6 * 60
+
+
+def test_size_study_refuses_a_budget_with_no_training_time():
+    with pytest.raises(SystemExit, match="leaves no training time"):
+        size_study.size(_summary(mn_sps=0.02, fid10k_s=60.0, fid50k_s=300.0), budget_minutes=6, evals=6)

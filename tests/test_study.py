@@ -1,0 +1,158 @@
+"""`study` running runs: a time budget that stops them cleanly, continuing later, comparing runs of unequal
+length, GPU placement, and commands for other schedulers."""
+from __future__ import annotations
+
+import json
+import shlex
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+
+from cli import cli
+from gan import study as study_mod
+from gan.checkpoint import list_checkpoints
+from gan.compare import compare_runs, read_metrics
+from gan.config import load_config
+from tests.conftest import tiny_overrides
+from tests.test_compare import make_run
+
+
+def tiny_study(tmp_path, image_zip, **study) -> str:
+    """Two tiny CPU runs (bn, mn) that would train for a long time: only a budget or a signal ends them."""
+    base = tiny_overrides(image_zip, tmp_path / "unused", **{"train.steps": 1_000_000, "ckpt.every": 10,
+                                                             "log.every": 5, "log.sample_every": 0,
+                                                             "train.threads": 1})
+    base.pop("run_dir")
+    (tmp_path / "base.yaml").write_text(yaml.safe_dump(load_config(None, base).to_dict()))
+    spec = {"base": "base.yaml", "out": "out", "seeds": [0],
+            "variants": {"bn": {"model.norm": "bn"}, "mn": {"model.norm": "mn"}}, **study}
+    (tmp_path / "study.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    return "study.yaml"
+
+
+def _stopped_cleanly(run_dir) -> int:
+    """The run's newest checkpoint is at its last logged step or later: nothing trained was lost."""
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    assert ckpts, f"{run_dir}: no checkpoint"
+    saved = torch.load(ckpts[0], map_location="cpu", weights_only=True)["step"]
+    logged = read_metrics(run_dir / "metrics.jsonl")
+    assert logged and logged[-1]["step"] <= saved
+    return saved
+
+
+def test_budget_stops_every_run_with_a_checkpoint_and_a_second_call_continues(tmp_path, image_zip, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = tiny_study(tmp_path, image_zip, budget_minutes=0.3)
+    study = study_mod.load_study(path)
+    assert study.budget_minutes == 0.3
+    lines = []
+    t0 = time.monotonic()
+    # No run evaluates (eval.every 0), so there is nothing to compare: the study says so after stopping.
+    with pytest.raises(study_mod.StudyError, match="could not be compared"):
+        study_mod.run_study(study, jobs=2, echo=lines.append, warn=lines.append)
+    took = time.monotonic() - t0
+    assert any(line.startswith("budget reached: stopping 2 running runs") for line in lines), lines
+    assert sum("] stopped " in line for line in lines) == 2 and not any("FAILED" in line for line in lines)
+    # The budget is 18 s; stopping takes one step and a checkpoint. The bound only catches a study that
+    # ignores its budget (the runs would train for 10^6 steps).
+    assert took < 18 + 60
+    first = {name: _stopped_cleanly(tmp_path / "out" / f"{name}-s0") for name in ("bn", "mn")}
+    assert all(step > 0 for step in first.values())
+
+    # The same command again (budget from the command line this time): both runs resume and go further.
+    r = CliRunner().invoke(cli, ["study", path, "--jobs", "2", "--budget-minutes", "0.3"])
+    assert "budget reached" in r.output and "resume (logged up to step" in r.output
+    for name, step in first.items():
+        log = (tmp_path / "out" / f"{name}-s0" / "train.log").read_text()
+        assert f"resuming from" in log and f"at step {step}" in log
+        assert _stopped_cleanly(tmp_path / "out" / f"{name}-s0") > step
+
+
+def test_compare_common_steps_judges_runs_of_unequal_length_over_the_same_steps(tmp_path):
+    root = tmp_path / "runs"
+    runs = [make_run(root, "bn-s0", {1000: 100, 2000: 60, 3000: 40}, norm="bn", steps=10_000),
+            make_run(root, "mn-s0", {1000: 80, 2000: 50}, norm="mn", steps=10_000)]  # stopped earlier
+    full = compare_runs(runs, tmp_path / "c1")
+    assert {g["label"]: g["best"]["mean"] for g in full.data["groups"]} == {"norm=bn": 40, "norm=mn": 50}
+    common = compare_runs(runs, tmp_path / "c2", common_steps=True)
+    assert common.data["common_steps_upto"] == 2000
+    groups = {g["label"]: g for g in common.data["groups"]}
+    assert groups["norm=bn"]["best"]["mean"] == 60 and groups["norm=mn"]["best"]["mean"] == 50
+    assert groups["norm=bn"]["runs"][0]["evals"] == [[1000, 100], [2000, 60]]
+    assert "up to step 2000" in common.markdown
+    r = CliRunner().invoke(cli, ["compare", str(root), "--common-steps", "--out", str(tmp_path / "c3")])
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "c3" / "compare.json").read_text())["common_steps_upto"] == 2000
+
+
+def test_runs_are_placed_on_the_visible_gpus_round_robin(tmp_path, monkeypatch, image_zip):
+    """4 runs, 2 (faked) GPUs, 4 jobs: GPUs 0, 1, 0, 1, each run's CUDA_VISIBLE_DEVICES set for it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    study = study_mod.load_study(tiny_study(tmp_path, image_zip), {"train.device": "auto"})
+    runs = study.runs + study_mod.load_study("study.yaml", {"train.device": "auto", "model.ngf": 16}).runs
+    for i, r in enumerate(runs):  # a stand-in for `train` that reports where it was put
+        r.name, r.run_dir = f"run{i}", tmp_path / "out" / f"run{i}"
+        r.argv = [sys.executable, "-c", "import os, time; time.sleep(1); print('gpu=' + os.environ['CUDA_VISIBLE_DEVICES'])"]
+    lines = []
+    assert study_mod._train_all(runs, 4, lines.append, []) == "done"
+    got = [next(l for l in (r.run_dir / "train.log").read_text().splitlines() if l.startswith("gpu="))
+           for r in runs]
+    assert got == ["gpu=0", "gpu=1", "gpu=0", "gpu=1"]
+    assert [l for l in lines if "start" in l] == [f"[0/4] start  {r.name} on GPU {g}"
+                                                   for r, g in zip(runs, "0101")]
+
+
+def test_placement_fills_the_least_loaded_gpu_and_respects_cuda_visible_devices(monkeypatch):
+    assert study_mod.place({"0": 2, "1": 1}, ["0", "1"]) == "1"
+    assert study_mod.place({}, ["3", "5"]) == "3"
+    assert study_mod.visible_gpus({"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
+    assert study_mod.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+
+
+def test_cpu_runs_are_never_given_a_gpu(tmp_path, monkeypatch, image_zip):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    study = study_mod.load_study(tiny_study(tmp_path, image_zip))  # train.device: cpu
+    for r in study.runs:
+        r.argv = [sys.executable, "-c", "import os; print('cvd=' + os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))"]
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert study_mod._train_all(study.runs, 2, lambda m: None, []) == "done"
+    assert all("cvd=unset" in (r.run_dir / "train.log").read_text() for r in study.runs)
+
+
+def test_emit_commands_prints_one_runnable_command_per_unfinished_run(tmp_path, monkeypatch, image_zip):
+    monkeypatch.chdir(tmp_path)
+    path = tiny_study(tmp_path, image_zip)
+    r = CliRunner().invoke(cli, ["study", path, "--emit-commands", "--set", "train.steps=30"])
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 2
+    for line, name in zip(lines, ("bn-s0", "mn-s0")):
+        cd, _, command = line.partition(" && ")
+        assert shlex.split(cd) == ["cd", str(tmp_path)]
+        argv = shlex.split(command)
+        assert argv[0] == sys.executable and argv[2] == "train" and "train.steps=30" in argv
+        assert argv[argv.index("--out") + 1] == f"out/{name}" and "--resume" in argv
+    # A finished run is not emitted: make bn-s0 look finished at its 30 steps.
+    run = tmp_path / "out" / "bn-s0"
+    cfg = study_mod.load_study(path, {"train.steps": 30}).runs[0].config
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(cfg.to_yaml())
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 30, "loss_d": 1.0}) + "\n")
+    r = CliRunner().invoke(cli, ["study", path, "--emit-commands", "--set", "train.steps=30"])
+    assert r.exit_code == 0 and len(r.output.strip().splitlines()) == 1 and "mn-s0" in r.output
+
+
+@pytest.mark.parametrize("value", [0, -1, "soon", True])
+def test_bad_budget_is_one_clear_line(tmp_path, monkeypatch, image_zip, value):
+    monkeypatch.chdir(tmp_path)
+    path = tiny_study(tmp_path, image_zip, budget_minutes=value)
+    r = CliRunner().invoke(cli, ["study", path, "--dry-run"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert "budget_minutes must be a number of minutes > 0" in r.stderr
