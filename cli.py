@@ -116,7 +116,8 @@ def train(config_path, norm, steps, batch_size, seed, out, device, data, sets, r
     train.batch_size is then the global batch, split across the N processes; rank 0 writes the files.
     """
     from gan import distributed
-    from gan.train import Trainer, resolve_device
+    from gan.device import resolve_device
+    from gan.train import Trainer
     cfg = build_config(config_path, norm, steps, batch_size, seed, out, device, data, sets)
     distributed.setup(resolve_device(cfg.train.device).type, cfg.train.dist_timeout)  # no-op without torchrun
     main = distributed.is_main()
@@ -171,7 +172,7 @@ def diagnose(checkpoint, out_dir, num_samples, channels, device):
     """
     from gan.diagnose import diagnose as run_diagnose, format_report
     from gan.evaluate import load_generator
-    from gan.train import resolve_device
+    from gan.device import resolve_device
     if num_samples < 2 or channels < 1:
         raise click.BadParameter("--num-samples must be >= 2 and --channels >= 1")
     dev = resolve_device(device)
@@ -208,7 +209,7 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, json_file):
     """
     import dataclasses
     from gan.bench import bench_eval, bench_norm, bench_train, format_table
-    from gan.train import resolve_device
+    from gan.device import resolve_device
     dev = resolve_device(device)
     if min(steps, repeats, ngf, eval_images) < 1:
         raise click.BadParameter("--steps, --repeats, --ngf and --eval-images must be positive")

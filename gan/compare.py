@@ -28,6 +28,7 @@ METRICS = {"fid": "fid", "kid": "kid_mean"}
 # Keys that never separate groups: the seed, the folder, and settings that leave the maths alone.
 # (train.steps is here so that runs of different lengths still group together.)
 NOT_GROUPING = ("run_dir", "train.seed", "train.steps", "train.device", "train.threads", "train.compile",
+                "train.compile_mode", "train.fused_adam",
                 "train.dist_timeout", "data.download", "data.on_device", "eval.every", "metrics.cache_dir",
                 "metrics.allow_download")
 NOT_GROUPING_PREFIXES = ("log.", "ckpt.")

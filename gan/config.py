@@ -63,7 +63,9 @@ class DataConfig:
     hflip: bool = True
     # Resize + center-crop images that are not 32x32; off means such images are an error.
     resize: bool = True
-    # Keep the decoded dataset as one uint8 tensor on the GPU (CIFAR-10 is 150 MB).
+    # Keep the decoded dataset as one uint8 tensor on the training device (CIFAR-10 is 150 MB), so that
+    # a batch is an index into it; false: each batch is copied there from host memory. (On the CPU both
+    # are the same memory.)
     on_device: bool = True
 
 
@@ -82,7 +84,13 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
     channels_last: bool = True
+    # torch.compile G and D. compile_mode auto: "reduce-overhead" (CUDA graphs) on CUDA, torch's default
+    # on the CPU (gan/device.py says why).
     compile: bool = False
+    compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune",
+                          "max-autotune-no-cudagraphs"] = "auto"
+    # Adam's fused kernel: auto = on CUDA only; always = on any device (the CPU has it too); never.
+    fused_adam: Literal["auto", "always", "never"] = "auto"
     on_nan: Literal["stop", "skip"] = "stop"
     # CPU threads for torch (0 = torch's default).
     threads: int = 0
@@ -155,7 +163,8 @@ class Config:
 # Length, logging cadence and the device may change when a run is resumed; the maths may not.
 RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.device", "train.threads", "log.every", "log.sample_every",
                      "log.wandb", "ckpt.every", "ckpt.keep", "eval.every", "data.path", "data.on_device",
-                     "train.compile", "train.dist_timeout", "metrics.allow_download", "metrics.cache_dir")
+                     "train.compile", "train.compile_mode", "train.fused_adam", "train.dist_timeout",
+                     "metrics.allow_download", "metrics.cache_dir")
 
 # Range rules, checked after types. Each is (predicate, what the value must be).
 _RULES: dict[str, tuple] = {

@@ -35,7 +35,7 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: s
                         grid: str | None, g_mode: str | None = None, progress: bool = True) -> dict:
     from gan.tracking import image_grid
     from gan.sampling import evaluator_from_config, generate, to_uint8
-    from gan.train import resolve_device
+    from gan.device import resolve_device
     from torchvision.utils import save_image
 
     device = resolve_device(device_name)

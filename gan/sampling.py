@@ -32,7 +32,9 @@ def generate(G: torch.nn.Module, num: int, z_dim: int, seed: int, device: torch.
     stop = num if stop is None else stop
     z = torch.randn(num, z_dim, generator=torch.Generator().manual_seed(seed))[start:stop].to(device)
     forked = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=forked):  # MN's EM subsampling draws from the global RNG
+    # Eagerly, even when G was compiled for training: sampling's batch size, grad mode and (eval) code path
+    # would each compile G again, for a few forwards that cost little next to Inception's.
+    with torch.random.fork_rng(devices=forked), torch.compiler.set_stance("force_eager"):  # EM draws from the global RNG
         out = [G(z[i:i + batch_size]).float() for i in range(0, len(z), batch_size)]
     G.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 3, IMAGE_SIZE, IMAGE_SIZE, device=device)

@@ -254,7 +254,7 @@ def prepare_references(runs: list[PlannedRun], echo: Callable[[str], None]) -> N
     their first evaluation, all at once; each run then just loads the cache file."""
     import torch
     from gan.sampling import evaluator_from_config
-    from gan.train import resolve_device
+    from gan.device import resolve_device
     done = set()
     for r in runs:
         cfg = r.config

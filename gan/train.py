@@ -5,7 +5,6 @@ import math
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -13,6 +12,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from gan import checkpoint as ckpt
+from gan import device as accel
 from gan import distributed
 from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict, flatten
 from gan.data import BatchStream, ImageData, load_dataset
@@ -40,21 +40,6 @@ class Interrupted(UserError):
                          f"(continue with --resume auto)")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("train.device is cuda but no CUDA device is available (use --device cpu or auto)")
-    return torch.device(name)
-
-
-def amp_dtype(cfg: Config, device: torch.device) -> torch.dtype | None:
-    amp = cfg.train.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" else "off"
-    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
-
-
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False,
                  wandb_mode: str | None = None, progress: bool = True, data: ImageData | None = None):
@@ -64,7 +49,7 @@ class Trainer:
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
-        self.device = distributed.local_device(resolve_device(cfg.train.device))
+        self.device = distributed.local_device(accel.resolve_device(cfg.train.device))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.run_dir = cfg.resolved_run_dir
@@ -77,9 +62,7 @@ class Trainer:
         # `data` lets benchmarks and tests hand over images that are already in memory.
         self.data = data or load_dataset(cfg.data.source, cfg.data.path, cfg.data.split, cfg.data.download,
                                          cfg.data.resize, self.progress)
-        images = self.data.images
-        if self.device.type == "cuda" and cfg.data.on_device:
-            images = images.to(self.device)
+        images = self.data.images.to(self.device) if cfg.data.on_device else self.data.images
         self.stream = BatchStream(images, cfg.train.batch_size, cfg.train.seed, cfg.data.hflip, self.device,
                                   self.rank, self.world)
 
@@ -93,18 +76,20 @@ class Trainer:
         if cfg.train.channels_last:
             self.G.to(memory_format=torch.channels_last)
             self.D.to(memory_format=torch.channels_last)
-        fused = self.device.type == "cuda"
         t = cfg.train
-        self.opt_g = torch.optim.Adam(self.G.parameters(), t.lr_g, (t.beta1, t.beta2), fused=fused or None)
-        self.opt_d = torch.optim.Adam(self.D.parameters(), t.lr_d, (t.beta1, t.beta2), fused=fused or None)
-        self.amp = amp_dtype(cfg, self.device)
+        fused = accel.use_fused_adam(t.fused_adam, self.device)
+        self.opt_g = accel.adam(self.G.parameters(), t.lr_g, (t.beta1, t.beta2), fused)
+        self.opt_d = accel.adam(self.D.parameters(), t.lr_d, (t.beta1, t.beta2), fused)
+        self.amp = accel.amp_dtype(t.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.ema = None
         if t.ema_decay > 0:
             self.ema = torch.optim.swa_utils.AveragedModel(
                 self.G, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay))
+        self._eager_steps_left = 0
         if t.compile:
-            self._compile()
+            accel.compile_in_place((self.G, self.D), self.device, t.compile_mode)
+            self._eager_steps_left = 1
         # First step whose loss or gradient was not finite, kept on the device so the hot loop never syncs.
         self._first_bad = torch.tensor(-1, device=self.device)
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed + NOISE_SEED_OFFSET)
@@ -243,9 +228,7 @@ class Trainer:
     # ------------------------------------------------------------------ one step
 
     def _autocast(self):
-        if self.amp is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.amp)
+        return accel.autocast(self.device, self.amp)
 
     def _d_step(self, real: torch.Tensor, z: torch.Tensor):
         with self._autocast():
@@ -292,17 +275,19 @@ class Trainer:
                                           torch.tensor(self.step + 1, device=self.device))
         self.scaler.step(opt)
 
-    def _compile(self) -> None:
-        # In place, so state_dict keys (and so checkpoints) are the same with and without compile.
-        try:
-            self.G.compile()
-            self.D.compile()
-        except Exception as e:  # no compiler toolchain, unsupported platform
-            print(f"warning: train.compile ignored ({type(e).__name__}: {e})", file=sys.stderr)
-
     def train_step(self) -> dict | None:
         """One generator update after `d_steps` discriminator updates; returns device scalars,
         or None when `on_nan: skip` refused an update."""
+        # Under train.compile the first step of a process runs eagerly: it fits MN's first mixtures
+        # (or reads `initialized` from a checkpoint), which needs a host sync that would break the graph
+        # and make every MN layer's code compile again for its own width. Compiled steps follow.
+        if self._eager_steps_left:
+            self._eager_steps_left -= 1
+            with accel.eager():
+                return self._train_step()
+        return self._train_step()
+
+    def _train_step(self) -> dict | None:
         cfg = self.cfg.train
         self._skipped = False
         for j in range(cfg.d_steps):

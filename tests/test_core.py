@@ -67,8 +67,8 @@ def test_bad_config_via_cli_is_one_line(tmp_path):
     assert result.exit_code == 2
     lines = [l for l in result.output.splitlines() if l.strip()]
     assert lines == ["error: config: unknown key 'train.learning_rate' (known under 'train': amp, batch_size, "
-                     "beta1, beta2, channels_last, compile, d_steps, device, dist_timeout, ema_decay, lr_d, lr_g, "
-                     "on_nan, seed, steps, threads)"]
+                     "beta1, beta2, channels_last, compile, compile_mode, d_steps, device, dist_timeout, "
+                     "ema_decay, fused_adam, lr_d, lr_g, on_nan, seed, steps, threads)"]
 
 
 def test_set_parses_yaml_values():

@@ -1,0 +1,65 @@
+"""Where and how the maths runs: the device, mixed precision, the optimizer's kernels, compilation.
+
+Every choice here is made from the config and the device, never from a hard-coded device type in the
+training loop, so that the lines a GPU run executes also run in a CPU test (bf16 autocast, fused Adam
+and torch.compile all exist on the CPU too).
+"""
+from __future__ import annotations
+
+import sys
+from contextlib import nullcontext
+
+import torch
+
+from gan.errors import UserError
+
+# torch.compile's mode per device type. On CUDA a DCGAN step at batch 64 is a few milliseconds of many
+# small kernels, so launch overhead dominates: "reduce-overhead" replays the step as CUDA graphs. The
+# CPU has no graphs to replay; the default mode fuses kernels there.
+COMPILE_MODE = {"cuda": "reduce-overhead", "cpu": None}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise UserError("train.device is cuda but no CUDA device is available (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """train.amp -> the autocast dtype, or None for float32. auto: bf16 on CUDA, off on the CPU (where
+    bf16 matmuls are slower than float32 on most processors)."""
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" else "off"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "off": None}[amp]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def use_fused_adam(setting: str, device: torch.device) -> bool:
+    """train.fused_adam: auto is on for CUDA (one kernel for all parameters instead of several per tensor);
+    always asks for it on any device that has it (the CPU has, which is how tests run the CUDA path)."""
+    return device.type == "cuda" if setting == "auto" else setting == "always"
+
+
+def adam(params, lr: float, betas: tuple[float, float], fused: bool) -> torch.optim.Adam:
+    return torch.optim.Adam(params, lr, betas, fused=True if fused else None)
+
+
+def compile_in_place(modules, device: torch.device, mode: str = "auto") -> None:
+    """torch.compile each module in place, so that state_dict keys (and checkpoints) do not change.
+    mode (train.compile_mode): auto picks COMPILE_MODE for the device; "default" is torch's default."""
+    mode = COMPILE_MODE.get(device.type) if mode == "auto" else (None if mode == "default" else mode)
+    try:
+        for m in modules:
+            m.compile(mode=mode)
+    except Exception as e:  # no compiler toolchain, unsupported platform
+        print(f"warning: train.compile ignored ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def eager():
+    """A context in which compiled modules run their original Python (first steps, sampling, evaluation)."""
+    return torch.compiler.set_stance("force_eager")
