@@ -250,6 +250,8 @@ def test_em_recovers_mixture_means():
     for _ in range(15):
         x, mu = two_mode_batch(n=16, c=4, h=8, w=8, weight=0.3)  # 1024 samples
         m(x)
+    # Statistical bounds (estimation from 1024 samples: the means' standard error is ~0.25 / sqrt(300) =
+    # 0.015); rounding moves these estimates by ~1e-6, on any processor.
     torch.testing.assert_close(_match(m.gmm_mu, mu), mu, atol=0.1, rtol=0)
     torch.testing.assert_close(_match(m.running_mu, mu), mu, atol=0.1, rtol=0)
     lam = m.gmm_lambda if (m.gmm_mu[0] - mu[0]).abs().sum() < 1 else m.gmm_lambda.flip(0)
