@@ -78,7 +78,7 @@ def _train_args(data: Path, run: Path, script: str = "cli.py", **extra) -> list[
 
 def torchrun(data: Path, run: Path, *more: str, **extra) -> subprocess.CompletedProcess:
     """`torchrun --standalone --nproc_per_node 2 cli.py train ...` (tiny model, CPU, gloo), in float64:
-    tests/cli_float64.py is cli.py with torch's default dtype set to float64 (see the module docstring)."""
+    tests/cli_float64.py is cli.py inside float64_mode() (see the module docstring)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            *_train_args(data, run, "tests/cli_float64.py", **extra), *more]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=180)
@@ -110,8 +110,8 @@ def _assert_same_maths(got: dict, want: dict, init: dict, what: str) -> None:
             err = (got[net][k] - w).abs().max().item()
             assert err <= TOL * max(1.0, w.abs().max().item()), f"{what} {net}.{k}: differs by {err:.3g}"
     # And the weights did move since `init`, by far more than TOL, so that the agreement is not vacuous:
-    # Adam's steps are about lr each (its first one is exactly +-lr for every weight with a nonzero
-    # gradient), and lr / 20 = 1e-5 is 1e5 x TOL.
+    # Adam's steps are about lr each (its first one is lr g / (|g| + eps): +-lr for every gradient well
+    # above eps = 1e-8), and lr / 20 = 1e-5 is 1e5 x TOL.
     moved = torch.cat([(want["G"][k] - init["G"][k]).abs().flatten() for k in want["G"] if k.endswith("weight")])
     assert moved.mean() > LR / 20, f"{what}: G's weights moved by {moved.mean():.3g} on average"
 
