@@ -415,7 +415,7 @@ def test_norm_layer_two_ranks_of_32_equal_one_process_of_64(worker_results, name
     rounding is below 1e-13 relative; MN's variances lose a few digits more to E[(x - shift)^2] -
     (E[x] - shift)^2 inside the M-step, and its nearly hard posteriors amplify the rest by a data-dependent
     factor. To first order rounding differences scale with the unit roundoff, 5e8 times smaller in float64
-    than in float32: a difference of 1e-2 in float32 (100 times what MN shows) would be 2e-11 here."""
+    than in float32: a difference of 1e-2 in float32 (far more than MN shows) would be 2e-11 here."""
     case, want, ranks = _one_process_and_ranks(worker_results, f"{name}-float64")
 
     def close(a, b, what):
