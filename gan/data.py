@@ -217,7 +217,7 @@ class BatchStream:
         per_rank = self.batch_size // self.world_size
         start = pos * self.batch_size + self.rank * per_rank
         idx = self._perm[start:start + per_rank]
-        x = self.images[idx].to(self.device, non_blocking=True).float().div_(127.5).sub_(1.0)
+        x = self.images[idx].to(self.device, torch.get_default_dtype(), non_blocking=True).div_(127.5).sub_(1.0)
         if self.hflip:
             flip = self._flip[idx.to(self.device)].view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)

@@ -6,6 +6,8 @@ whole file does three FID computations in total.
 """
 from __future__ import annotations
 
+import copy
+import math
 import os
 import socket
 import time
@@ -92,34 +94,76 @@ def env(tmp_path_factory):
 
 
 def test_converted_weights_match_torchscript(env):
+    """Our converted weights in torch-fidelity's network compute fid-helper's TorchScript network: the same
+    maths, so compared in float64 (both networks and the input cast to float64), to 1e-10 relative to the
+    largest feature. Float64's unit roundoff is 1.1e-16 and the longest dot product has 2048 x 9 terms, so
+    rounding stays ~1e-12 relative through the ~100 layers on any processor; in float32 the two networks
+    (other memory layouts, other kernels) differ by ~1e-6, by amounts that depend on the processor. A
+    conversion mistake (a BN parameter mapped to the wrong slot, eps 1e-5 instead of 1e-3, a swapped conv)
+    moves features by far more than 1e-10."""
     assert env.weights.has_head is False
     assert env.weights.path.startswith(str(env.root / "cache"))
-    ts = torch.jit.load(find_fid_helper_torchscript(), map_location="cpu").eval()
+    ts = torch.jit.load(find_fid_helper_torchscript(), map_location="cpu").eval().double()
+    ours = copy.deepcopy(env.ev.model).double()
+    # torch-fidelity's forward casts the uint8 input to float32 and scales it: (x - 128) / 128 is exact
+    # in float32 for integers 0..255, so casting it to float64 before the first conv loses nothing.
+    ours.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: (args[0].double(),))
     x = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     with torch.inference_mode(), torch.jit.optimized_execution(False):  # skip TorchScript's profiling runs
-        ours = env.ev.model(x)[0]  # torch-fidelity's forward: 299->299 resize is the identity, then (x-128)/128
-        theirs = ts((x.float() - 128) / 128)  # the scaling fid-helper's TF model expects: [-1, 0.9921875]
-    assert ours.shape == theirs.shape == (2, 2048)
-    assert (ours - theirs).abs().max().item() < 1e-4
-    assert ours.abs().mean().item() > 0.05  # real activations, not zeros
+        got = ours(x)[0]  # torch-fidelity's forward: 299->299 resize is the identity, then (x-128)/128
+        want = ts((x.double() - 128) / 128)  # the scaling fid-helper's TF model expects: [-1, 0.9921875]
+    assert got.dtype == want.dtype == torch.float64
+    assert got.shape == want.shape == (2, 2048)
+    assert (got - want).abs().max().item() <= 1e-10 * max(1.0, want.abs().max().item())
+    assert got.abs().mean().item() > 0.05  # real activations, not zeros
+    # features(): the network's float32 pool features as float64, one image here. Compared with the same
+    # forward (one image, float32) called directly: the same operations, so equal bit for bit.
     feats = env.ev.features(x[:1])
+    with torch.inference_mode():
+        direct = env.ev.model(x[:1])[0]
     assert feats.dtype == torch.float64 and feats.shape == (1, 2048)
-    assert torch.allclose(feats, ours[:1].double(), atol=1e-5)
+    assert direct.dtype == torch.float32 and torch.equal(feats, direct.double())
 
 
 def test_fid_kid_self_and_shifted(env):
+    """A set scored against itself: FID 0 and KID <= 0 up to rounding; against a visibly different set, large.
+
+    Our features of `a` are the reference's bit for bit (same network, same batches), so the two
+    covariances are the same S and FID = 2 tr S - 2 tr sqrtm(S S) = 0 but for scipy's sqrtm of S S:
+    S is 2048 x 2048 of rank N - 1 = 31, so ~2017 eigenvalues of S S are 0, computed as rounding of size
+    up to ~d u lam_max^2 (d = 2048 terms per entry of the product, u = 2**-53, lam_max S's largest
+    eigenvalue), and each adds up to sqrt(d u) lam_max to tr sqrtm. So |FID| <= 2 d sqrt(d u) lam_max,
+    about 0.02 with lam_max ~ 11 here: ~1000 times below the 20 that the shifted set must exceed.
+    """
     same, diff = env.same, env.diff
     assert same["num_samples"] == diff["num_samples"] == N
-    assert abs(same["fid"]) < 0.01
+    feats = env.ev.prepare_reference()["features"].double()
+    centered = feats - feats.mean(0)
+    lam_max = torch.linalg.eigvalsh(centered @ centered.T / (N - 1)).max().item()  # S's nonzero eigenvalues
+    d, u = feats.shape[1], torch.finfo(torch.float64).eps / 2
+    assert abs(same["fid"]) <= 2 * d * math.sqrt(d * u) * lam_max
     assert diff["fid"] > 20.0
-    # Identical sets: torch-fidelity's unbiased KID estimate is ~0, with an O(1/N) negative bias
-    # (2 (mean K - mean diag K) / (N - 1)), about -0.01 at N=32.
+    # Identical sets: torch-fidelity's unbiased KID estimate is -2 (mean diag K - mean K) / (N - 1), an
+    # O(1/N) negative bias (about -0.01 at N=32); <= 0 since mean K <= lam_max(K) / N <= tr K / N = mean
+    # diag K for the PSD kernel matrix K. Rounding (~1e-7 of K's entries, in float32) is far below both.
     assert -0.02 < same["kid_mean"] <= 0.0
     assert diff["kid_mean"] > 0.02
     assert set(same) == {"fid", "kid_mean", "kid_std", "num_samples"}
 
 
 def test_fid_kid_match_torch_fidelity_calculate_metrics(env, tmp_path):
+    """Our pipeline scores what torch-fidelity's own entry point scores, up to float32 rounding of features.
+
+    Both run torch-fidelity's network with our converted weights on the same images, in other memory
+    layouts and batch sizes, so their float32 features differ by rounding only. Bounded from float32's
+    unit roundoff u = 2**-24, not from any processor: each layer's dot products (at most K = 4032 terms)
+    round by ~sqrt(K) u = 4e-6 relative, with random signs, and over the ~100 layers that adds up in
+    quadrature to ~10 sqrt(K) u = 4e-5 relative. FID is quadratic in the features: it moves by at most
+    twice that, 8e-5 relative, 7e-3 at this FID (~86), inside the 0.01 used. KID averages cubic kernel
+    values (~1.3) over N^2 = 1024 pairs: each moves by <= 3 x 2 x 4e-5 relative, independently, so their
+    mean by ~1/N of that, 1e-5. A pipeline difference (another resize, scaling or feature layer, KID's
+    subsets drawn otherwise, inputs swapped) changes FID by whole points and KID by 1e-3 or more.
+    """
     # torch-fidelity's extractor loads strictly, so its path gets NaN fc weights (a finite FID shows fc is unused).
     assert not env.weights.has_head
     padded = weights_for_torch_fidelity(env.weights, str(tmp_path))
@@ -179,6 +223,10 @@ def test_resolve_error_when_nothing_works(tmp_path, monkeypatch):
 
 
 def test_with_head_reports_is_like_torch_fidelity(env, tmp_path, monkeypatch):
+    """IS through our pipeline equals torch-fidelity's, to 1e-4: the logits of the same network differ by
+    float32 rounding only (~4e-5 relative, see the test above, on logits of size ~1 from this random head);
+    log IS is a mean of KL divergences, whose derivative in each logit is at most 2 in size, so IS moves
+    by at most ~2 x 4e-5 relative: 8e-5 at this IS (~1.05)."""
     # Only the code path is tested here: a random fc stands in for the real head, which is not available offline.
     sd = torch.load(env.weights.path, map_location="cpu", weights_only=True)
     g = torch.Generator().manual_seed(3)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import math
 
 import pytest
 import torch
@@ -31,10 +32,10 @@ def two_mode_batch(n=16, c=4, h=4, w=4, weight=0.3):
     return means + 0.25 * torch.randn(n, c, h, w), mu
 
 
-def train_steps(m: nn.Module, steps=3, shape=(8, 6, 5, 5)):
+def train_steps(m: nn.Module, steps=3, shape=(8, 6, 5, 5), dtype=torch.float32):
     m.train()
     for _ in range(steps):
-        x = torch.randn(shape) * 2 + 1
+        x = torch.randn(shape, dtype=dtype) * 2 + 1
         m(x).square().mean().backward()
     return m
 
@@ -44,22 +45,32 @@ def train_steps(m: nn.Module, steps=3, shape=(8, 6, 5, 5)):
 # --------------------------------------------------------------------------------------
 
 
+# Identities (K = 1 is BatchNorm, the layer computes the spec, two code paths agree) are checked in float64
+# to 1e-10 (relative and absolute): float64's unit roundoff is 1.1e-16 and the sums in these tests have at
+# most 200 terms, so rounding stays below ~1e-13 on any processor, whatever order they are summed in. In float32 the same comparison differs by rounding
+# that depends on the processor (SIMD width, threads). A real difference in the maths is far above
+# 1e-10: eps added outside the square root instead of inside moves outputs by ~1e-6 relative (eps =
+# 1e-5, Var = 4), the biased instead of the unbiased variance moves running_var by 1 / n (0.5% at n = 200).
+F64_TOL = dict(rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize("mn_cls,bn_cls,shape,fmt", [
     (MixtureNorm2d, nn.BatchNorm2d, (8, 6, 5, 5), torch.contiguous_format),
     (MixtureNorm2d, nn.BatchNorm2d, (8, 6, 5, 5), torch.channels_last),  # the trainer's layout
     (MixtureNorm1d, nn.BatchNorm1d, (32, 6), torch.contiguous_format),
 ])
 def test_k1_equals_batchnorm(mn_cls, bn_cls, shape, fmt):
+    """K = 1 is BatchNorm: outputs, input and affine gradients, running statistics, eval outputs (float64)."""
     c = shape[1]
-    bn, mn = bn_cls(c), mn_cls(c, num_components=1)
+    bn, mn = bn_cls(c).double(), mn_cls(c, num_components=1).double()
     with torch.no_grad():  # non-trivial affine, identical in both
         w, b = torch.rand(c) + 0.5, torch.randn(c)
         bn.weight.copy_(w), mn.weight.copy_(w), bn.bias.copy_(b), mn.bias.copy_(b)
-    tol = dict(rtol=1e-5, atol=1e-5)
+    tol = F64_TOL
     for _ in range(4):
-        x = (torch.randn(shape) * 2 + 3).contiguous(memory_format=fmt)
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
         xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
-        g = torch.randn(shape).contiguous(memory_format=fmt)
+        g = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
         yb, ym = bn(xb), mn(xm)
         (yb * g).sum().backward()
         (ym * g).sum().backward()
@@ -72,7 +83,7 @@ def test_k1_equals_batchnorm(mn_cls, bn_cls, shape, fmt):
     assert int(mn.num_batches_tracked) == int(bn.num_batches_tracked) == 4
 
     bn.eval(), mn.eval()
-    x = (torch.randn(shape) * 2 + 3).contiguous(memory_format=fmt)
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
     xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
     yb, ym = bn(xb), mn(xm)
     yb.sum().backward(), ym.sum().backward()
@@ -86,34 +97,39 @@ def test_k1_equals_batchnorm(mn_cls, bn_cls, shape, fmt):
 
 
 def test_posteriors_and_tauhat_normalized():
+    """The layer computes the spec's quantities: identities, so float64 and 1e-10 (as for K = 1 above; the
+    sums have at most 128 terms). In float32 the nearly hard posteriors of this well-separated mixture
+    amplify rounding by a data-dependent factor, which made any fixed float32 tolerance processor-tuned."""
     x, _ = two_mode_batch(n=8, c=5)
-    m = MixtureNorm2d(5, num_components=3)
+    x = x.double()
+    m = MixtureNorm2d(5, num_components=3).double()
+    tol = F64_TOL
     y, info = m.forward_with_info(x)
     assert info["tau"].shape == (8, 3, 4, 4)
     tau, n = info["tau"].reshape(8, 3, 16), info["n"]
-    torch.testing.assert_close(tau.sum(1), torch.ones(8, 16))
+    torch.testing.assert_close(tau.sum(1), torch.ones(8, 16, dtype=torch.float64), **tol)
     tauhat = tau / n[None, :, None]
-    torch.testing.assert_close(tauhat.sum((0, 2)), torch.ones(3))
+    torch.testing.assert_close(tauhat.sum((0, 2)), torch.ones(3, dtype=torch.float64), **tol)
     # E_k and V_k are the tauhat-weighted moments of the spec (computed naively here).
     xs = x.reshape(8, 5, 16)  # (x is channels-last here: the layout the trainer uses)
     assert x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     E = torch.einsum("nkl,ncl->kc", tauhat, xs)
     V = torch.einsum("nkl,nkcl->kc", tauhat, (xs[:, None] - E[None, :, :, None]) ** 2)
-    torch.testing.assert_close(info["E"], E, rtol=1e-4, atol=1e-5)
-    torch.testing.assert_close(info["V"], V, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(info["E"], E, **tol)
+    torch.testing.assert_close(info["V"], V, **tol)
     # ... and the output is the spec's xhat with these statistics.
     w = tau * info["scale"][None, :, None]  # tau_k / sqrt(lambda_k)
     xhat = torch.einsum("nkl,nkcl->ncl", w, (xs[:, None] - E[None, :, :, None])
                         / (V[None, :, :, None] + m.eps).sqrt())
-    torch.testing.assert_close(y.reshape(8, 5, 16), xhat, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(y.reshape(8, 5, 16), xhat, **tol)
     # Posteriors of the public helper agree with the layer's.
     gmm = GMM(info["lam"], info["mu"], info["sigma2"])
     tau2 = gmm_posteriors(xs.transpose(1, 2).reshape(-1, 5), gmm)
-    torch.testing.assert_close(tau2, tau.transpose(1, 2).reshape(-1, 3), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(tau2, tau.transpose(1, 2).reshape(-1, 3), **tol)
 
     m.eval()
     _, info = m.forward_with_info(x)
-    torch.testing.assert_close(info["tau"].sum(1), torch.ones(8, 4, 4))
+    torch.testing.assert_close(info["tau"].sum(1), torch.ones(8, 4, 4, dtype=torch.float64), **tol)
 
 
 # --------------------------------------------------------------------------------------
@@ -149,7 +165,12 @@ def test_collapsed_component_is_finite_and_reseeded(em_samples):
     # with its weight restored.
     assert int(m.dead_count[2]) == 0 and m.gmm_lambda[2] > 0.1
     dist_to_samples = (x.permute(0, 2, 3, 1).reshape(-1, c) - m.gmm_mu[2]).abs().amax(1)
-    assert dist_to_samples.min() < 1e-4
+    # Exactly a sample when EM sees the whole batch. With a subsample EM's samples are x - shift, so the
+    # seed is (x - shift) + shift, within u (|x - shift| + |x|) <= u (2 |x| + |shift|) of x, u = float32's
+    # unit roundoff, whatever the processor; shift is a convex combination of the mixture's means, so
+    # |shift| <= 1e3 (component 2's, the largest). That is 6e-5, while a fitted mean is 0.2 from every sample.
+    u = torch.finfo(torch.float32).eps / 2
+    assert dist_to_samples.min() <= u * (2 * x.abs().max() + 1e3) * (1 + u)
     m.eval()
     assert torch.isfinite(m(x)).all()
 
@@ -167,17 +188,35 @@ def test_collapsed_component_is_finite_and_reseeded(em_samples):
     assert torch.isfinite(m(x)).all()
 
 
-def test_constant_channels_are_finite():
-    x = torch.randn(8, 6, 4, 4)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_constant_channels_are_finite(dtype):
+    """A constant channel (V_k = 0) gives finite outputs and gradients, and normalizes to beta (= 0 here).
+
+    "To beta" up to rounding that is bounded here from the dtype's unit roundoff u and the sizes of the
+    sums, so that the bound holds on any processor. With V_k = 0 the factor P_k = s_k gamma / sqrt(V_k +
+    eps) is s_k / sqrt(eps) (~800 here), and y = x A + B, A = sum_k tau_k P_k, B = sum_k tau_k (beta -
+    P_k (E_k + shift)), is a cancellation between terms of size P_k |c| for the channel's value c: the
+    mean E_k + shift of n = 128 samples (sums of n terms, then the shift subtracted) is c within
+    (2 n + 4) u |c| in any summation order, the GEMMs over K = 3 components and the final multiply-add add
+    (2 K + 4) u P_k |c|. So |y - beta| <= (2 n + 2 K + 8) u max_k P_k |c|, and 4 n u max_k P_k |c| is used
+    (room for second-order terms): 0.12 in float32, 2e-10 in float64. In float32 that is what "about
+    beta" can mean at all after an amplification by 1/sqrt(eps); float64 shows it is beta exactly up to
+    rounding. Without the eps or the clamp of V_k at 0, P_k is infinite or NaN and so is y.
+    """
+    x = torch.randn(8, 6, 4, 4, dtype=dtype)
+    c = 5.0
     x[:, 0] = 0.0
-    x[:, 1] = 5.0
-    m = MixtureNorm2d(6)
+    x[:, 1] = c
+    m = MixtureNorm2d(6).to(dtype)
+    n, u = 8 * 4 * 4, torch.finfo(dtype).eps / 2
     for _ in range(3):
         xi = x.clone().requires_grad_()
-        y = m(xi)
+        y, info = m.forward_with_info(xi)
         y.sum().backward()
         assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
-        assert y[:, :2].abs().max() < 1e-3  # a constant channel normalizes to ~beta = 0
+        p_max = (info["scale"].max() * m.weight[:2].abs().max() / math.sqrt(m.eps)).item()
+        beta = m.bias[:2].view(1, 2, 1, 1)
+        assert (y[:, :2] - beta).abs().max() <= 4 * n * u * p_max * c
     m.eval()
     assert torch.isfinite(m(x)).all()
 
@@ -211,6 +250,8 @@ def test_em_recovers_mixture_means():
     for _ in range(15):
         x, mu = two_mode_batch(n=16, c=4, h=8, w=8, weight=0.3)  # 1024 samples
         m(x)
+    # Statistical bounds (estimation from 1024 samples: the means' standard error is ~0.25 / sqrt(300) =
+    # 0.015); rounding moves these estimates by ~1e-6, on any processor.
     torch.testing.assert_close(_match(m.gmm_mu, mu), mu, atol=0.1, rtol=0)
     torch.testing.assert_close(_match(m.running_mu, mu), mu, atol=0.1, rtol=0)
     lam = m.gmm_lambda if (m.gmm_mu[0] - mu[0]).abs().sum() < 1 else m.gmm_lambda.flip(0)
@@ -229,21 +270,26 @@ def test_em_recovers_mixture_means():
 
 
 def test_eval_output_independent_of_batch():
-    m = train_steps(MixtureNorm2d(6))
+    """Eval mode transforms each sample alone, in either memory layout: identities, so float64 and 1e-10 (as
+    for K = 1 above). Without running statistics it normalizes with the batch like BN: the batch mean of
+    each channel's output is then beta (= 0 here) exactly, since sum_i tau_ik (x_i - E_k) = 0 for each
+    component; in float64 that is 1e-10 too (sums of 200 terms of size ~3)."""
+    m = train_steps(MixtureNorm2d(6).double(), dtype=torch.float64)
     m.eval()
-    x = torch.randn(8, 6, 5, 5) * 2 + 1
+    x = torch.randn(8, 6, 5, 5, dtype=torch.float64) * 2 + 1
     y = m(x)
     for i in (0, 5):
-        torch.testing.assert_close(m(x[i:i + 1]), y[i:i + 1], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(m(x[i:i + 1]), y[i:i + 1], **F64_TOL)
     y_cl = m(x.contiguous(memory_format=torch.channels_last))
-    torch.testing.assert_close(y_cl, y, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(y_cl, y, **F64_TOL)
     # track_running_stats=False: eval normalizes with the batch, like BN.
-    m = train_steps(MixtureNorm2d(6, track_running_stats=False))
+    m = train_steps(MixtureNorm2d(6, track_running_stats=False).double(), dtype=torch.float64)
     m.eval()
     assert m.running_E is None
-    y = m(x)
-    torch.testing.assert_close(y.mean((0, 2, 3)).abs().max(), torch.tensor(0.0), atol=0.5, rtol=0)
-    assert not torch.allclose(m(x[:1]), y[:1], atol=1e-3)
+    y, info = m.forward_with_info(x)
+    assert info["n"].min() >= 1  # (with less than one sample's mass, E_k would shrink toward the shift)
+    torch.testing.assert_close(y.mean((0, 2, 3)), m.bias.detach(), **F64_TOL)
+    assert not torch.allclose(m(x[:1]), y[:1], atol=1e-3)  # one sample's statistics are not the batch's
 
 
 # --------------------------------------------------------------------------------------
@@ -273,13 +319,15 @@ def test_gradcheck_detached_posteriors():
     xm = torch.randn(3, 4, 2, 3, dtype=torch.float64, requires_grad=True)
     y, info = m.forward_with_info(xm)
     xr = xm.detach().clone().requires_grad_()
+    # With the layer's shift (on its first step, the batch mean): it matters where a component holds less
+    # than one sample's mass (E_k shrinks toward it), which a batch of 18 samples can give.
     y_ref = mixture_normalize(xr.reshape(3, 4, 6), info["tau"].reshape(3, 3, 6), info["scale"], m.weight, m.bias,
-                              detach_posteriors=False)
+                              detach_posteriors=False, shift=xm.detach().mean((0, 2, 3)))
     g = torch.randn_like(y)
     (y * g).sum().backward()
     (y_ref.reshape(y.shape) * g).sum().backward()
-    torch.testing.assert_close(y, y_ref.reshape(y.shape))
-    torch.testing.assert_close(xm.grad, xr.grad)
+    torch.testing.assert_close(y, y_ref.reshape(y.shape), **F64_TOL)
+    torch.testing.assert_close(xm.grad, xr.grad, **F64_TOL)
     # Same numbers when the input is channels-last (another code path: one GEMM per sum).
     m.zero_grad()
     m_cl = copy.deepcopy(m)
@@ -289,9 +337,9 @@ def test_gradcheck_detached_posteriors():
     y1, y2 = m(x1), m_cl(x2)
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
-    torch.testing.assert_close(y2, y1)
-    torch.testing.assert_close(x2.grad, x1.grad)
-    torch.testing.assert_close(m_cl.weight.grad, m.weight.grad)
+    torch.testing.assert_close(y2, y1, **F64_TOL)
+    torch.testing.assert_close(x2.grad, x1.grad, **F64_TOL)
+    torch.testing.assert_close(m_cl.weight.grad, m.weight.grad, **F64_TOL)
 
 
 def test_gradcheck_through_posteriors():
@@ -355,13 +403,16 @@ def test_autocast_bfloat16():
     assert torch.isfinite(y.float()).all()
     y.float().square().mean().backward()
     assert torch.isfinite(conv.weight.grad).all() and torch.isfinite(m.weight.grad).all()
-    # Statistics are float32: a float32 run on the same input is close.
+    # Statistics are float32: the bf16 output is a float32 run on the same input, rounded once to
+    # bfloat16 (the same float32 operations on the same values), so within bfloat16's unit roundoff
+    # 2**-8 of it, relatively, on any processor.
     y32 = MixtureNorm2d(8)
     y32.load_state_dict(m.state_dict())
     m.eval(), y32.eval()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y_bf = m(h.detach())
-    torch.testing.assert_close(y_bf.float(), y32(h.detach().float()), atol=0.05, rtol=0.05)
+    u_bf16 = torch.finfo(torch.bfloat16).eps / 2
+    torch.testing.assert_close(y_bf.float(), y32(h.detach().float()), atol=0, rtol=u_bf16)
 
 
 class MiniGenerator(nn.Module):
