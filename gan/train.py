@@ -235,8 +235,8 @@ class Trainer:
             fake = self.g_train(z)
             # Two forwards (BN sees real and fake batches apart, as in the DCGAN example), one backward:
             # DDP's hooks fire once per parameter with the sum of both uses' gradients.
-            d_real = self.d_train(real).float()
-            d_fake = self.d_train(fake.detach()).float()
+            d_real = _loss_precision(self.d_train(real))
+            d_fake = _loss_precision(self.d_train(fake.detach()))
             # Non-saturating GAN loss; softplus(-x) is BCE-with-logits against 1, softplus(x) against 0.
             loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
         self._apply(self.opt_d, self.D, loss_d)
@@ -246,7 +246,7 @@ class Trainer:
         with self._autocast():
             # D itself, not its DDP wrapper: D's gradients from this pass are discarded, so averaging them
             # over ranks would be wasted traffic. Its synchronized BN still normalizes with global statistics.
-            loss_g = F.softplus(-self.D(fake).float()).mean()
+            loss_g = F.softplus(-_loss_precision(self.D(fake))).mean()
         self._apply(self.opt_g, self.G, loss_g)
         self.scaler.update()
         return loss_g.detach()
@@ -489,6 +489,12 @@ class Trainer:
     def _last_ckpt(self) -> str:
         found = ckpt.list_checkpoints(self.ckpt_dir)
         return str(found[0]) if found else "none yet"
+
+
+def _loss_precision(logits: torch.Tensor) -> torch.Tensor:
+    """D's logits in at least float32 for the loss: AMP's bf16/fp16 logits are upcast; float32 and
+    float64 (the tests' exact-arithmetic runs) stay as they are."""
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def _shared(error: UserError) -> UserError:

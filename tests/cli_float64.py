@@ -20,29 +20,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @contextlib.contextmanager
 def float64_mode() -> Iterator[None]:
-    """Inside the block torch's default dtype is float64 (models, noise and batches follow it) and
-    Tensor.float() leaves float64 tensors as they are; both are restored after.
+    """Inside the block torch's default dtype is float64 (models, noise and batches follow it); restored after.
 
-    Why Tensor.float(): the trainer calls it on D's logits so that the loss is computed in at least
-    float32 (it upcasts AMP's bf16/fp16 logits; in float32 training it does nothing). On float64
-    logits it would round them to float32, and the loss's elementwise kernels (softplus and its
-    gradient) then round differently for a batch of 16 in one process than for 8 in each of two,
-    depending on the processor: with AVX2 a batch of 16 fills the vectorized loop and 8 takes the
-    scalar one, which differ by an ulp. Every gradient would carry that float32 rounding, and
-    Adam would turn it into weight differences of ~1e-10. Left float64, the loss has float64's
-    rounding like everything else.
-    """
-    old_dtype, old_float = torch.get_default_dtype(), torch.Tensor.float
-
-    def at_least_float32(self, *args, **kwargs):
-        return self if self.dtype == torch.float64 else old_float(self, *args, **kwargs)
-
+    The trainer computes the loss in the logits' precision when that is float32 or more (it upcasts only
+    AMP's bf16/fp16), so a float64 run has float64's rounding everywhere, the loss included."""
+    old_dtype = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
-    torch.Tensor.float = at_least_float32
     try:
         yield
     finally:
-        torch.Tensor.float = old_float
         torch.set_default_dtype(old_dtype)
 
 
