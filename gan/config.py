@@ -36,6 +36,14 @@ class MNConfig:
     prior_scaling: bool = True
     detach_posteriors: bool = True
     dead_steps: int = 5  # steps below lambda_min before a component is re-seeded
+    # joint: one C-dimensional diagonal mixture per layer, so a sample gets the same posteriors in every
+    # channel. per_channel: one 1-D mixture per channel, posteriors per (sample, channel); costs about K
+    # activation-sized tensors more memory per layer. K=1 is BatchNorm either way.
+    posteriors: Literal["joint", "per_channel"] = "joint"
+    # warm: each step's EM starts from the previous step's mixture. fresh: each training step fits anew
+    # (k-means++ seeding on em_samples samples, then em_steps EM iterations), components relabelled to
+    # match the previous step's for the running (eval-mode) averages.
+    fit: Literal["warm", "fresh"] = "warm"
 
 
 @dataclass

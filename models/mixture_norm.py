@@ -31,6 +31,10 @@ running averages, and dead components reseeded.
 Squares are always taken of x - shift, with shift = sum_k lambda_k mu_k of the GMM state
 (batch-independent, identical on every rank), so E[x^2] - E[x]^2 style formulas do not
 cancel catastrophically when |mean| >> std; the output does not depend on the shift.
+
+Two options switch to the variants of models/mixture_variants.py (defaults: the above):
+posteriors="per_channel" (one 1-D mixture per channel, tau per (sample, channel)) and
+fit="fresh" (a new k-means++ seeded fit on every training step).
 """
 from __future__ import annotations
 
@@ -41,6 +45,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
+
+from models import mixture_variants as _mv
 
 __all__ = [
     "GMM",
@@ -469,6 +475,8 @@ class _MixtureNorm(nn.Module):
       running_lambda/_mu/_sigma2,      eval-mode GMM and per-component statistics, momentum
       running_E, running_V,            averages like BN's (only with track_running_stats)
       num_batches_tracked
+    The weights (gmm_lambda, running_lambda) and dead_count are (K,) for joint posteriors and
+    (K, C) for per-channel ones; the means and variances are (K, C) either way.
     """
 
     # "A few EM iterations" after the k-means++ seeding on the first training step.
@@ -489,6 +497,8 @@ class _MixtureNorm(nn.Module):
         prior_scaling: bool = True,
         detach_posteriors: bool = True,
         dead_steps: int = 5,
+        posteriors: str = "joint",
+        fit: str = "warm",
         device=None,
         dtype=None,
     ):
@@ -510,6 +520,14 @@ class _MixtureNorm(nn.Module):
         dead_steps: a component with lambda < lambda_min for this many consecutive
             training steps is reseeded (k-means++ against the others). 5 tolerates a few
             unlucky batches without leaving a dead component for long.
+        posteriors: "joint": one C-dimensional diagonal GMM, so a sample has the same
+            posteriors in every channel; "per_channel": one 1-D GMM per channel, posteriors
+            per (sample, channel) (models/mixture_variants.py).
+        fit: "warm": EM continues from the previous step's GMM; "fresh": every training step
+            fits from scratch (k-means++ seeding on EM's subsample, then em_steps EM
+            iterations; em_steps = 0 keeps the seeds), relabelled to match the previous
+            step's components. Fresh fits need no dead-component reseeding: every component
+            is re-seeded every step.
         """
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -520,6 +538,8 @@ class _MixtureNorm(nn.Module):
             raise ValueError("need 0 <= lambda_min < 1 / num_components")
         if em_steps < 0 or em_samples < num_components or dead_steps < 1:
             raise ValueError("need em_steps >= 0, em_samples >= num_components, dead_steps >= 1")
+        if posteriors not in ("joint", "per_channel") or fit not in ("warm", "fresh"):
+            raise ValueError("need posteriors in ('joint', 'per_channel') and fit in ('warm', 'fresh')")
         self.num_features = num_features
         self.num_components = num_components
         self.eps = eps
@@ -533,24 +553,27 @@ class _MixtureNorm(nn.Module):
         self.prior_scaling = prior_scaling
         self.detach_posteriors = detach_posteriors
         self.dead_steps = dead_steps
+        self.posteriors = posteriors
+        self.fit = fit
         # Distributed: set by convert_sync_mixturenorm; not part of the state.
         self.sync = False
         self.process_group = None
 
         k, c = num_components, num_features
+        lam_shape = (k,) if posteriors == "joint" else (k, c)
         if affine:
             self.weight = nn.Parameter(torch.empty(c, **factory))
             self.bias = nn.Parameter(torch.empty(c, **factory))
         else:
             self.register_parameter("weight", None)
             self.register_parameter("bias", None)
-        self.register_buffer("gmm_lambda", torch.empty(k, **factory))
+        self.register_buffer("gmm_lambda", torch.empty(lam_shape, **factory))
         self.register_buffer("gmm_mu", torch.empty(k, c, **factory))
         self.register_buffer("gmm_sigma2", torch.empty(k, c, **factory))
         self.register_buffer("initialized", torch.zeros((), dtype=torch.bool, device=device))
-        self.register_buffer("dead_count", torch.zeros(k, dtype=torch.long, device=device))
+        self.register_buffer("dead_count", torch.zeros(lam_shape, dtype=torch.long, device=device))
         if track_running_stats:
-            self.register_buffer("running_lambda", torch.empty(k, **factory))
+            self.register_buffer("running_lambda", torch.empty(lam_shape, **factory))
             self.register_buffer("running_mu", torch.empty(k, c, **factory))
             self.register_buffer("running_sigma2", torch.empty(k, c, **factory))
             self.register_buffer("running_E", torch.empty(k, c, **factory))
@@ -604,7 +627,7 @@ class _MixtureNorm(nn.Module):
             "affine={affine}, track_running_stats={track_running_stats}, em_steps={em_steps}, "
             "em_samples={em_samples}, lambda_min={lambda_min}, var_floor={var_floor}, "
             "prior_scaling={prior_scaling}, detach_posteriors={detach_posteriors}, "
-            "dead_steps={dead_steps}".format(**self.__dict__)
+            "dead_steps={dead_steps}, posteriors={posteriors}, fit={fit}".format(**self.__dict__)
         )
 
     # -- distributed --------------------------------------------------------------------------
@@ -660,7 +683,8 @@ class _MixtureNorm(nn.Module):
     def forward_with_info(self, input: Tensor) -> tuple[Tensor, dict]:
         """forward plus what it used: posteriors tau (N, K, *) (the input's shape with C -> K),
         n = sum_i tau (K,), E, V (K, C) in input units, scale (K,) = 1/sqrt(lambda) or 1, and
-        the GMM (lam, mu, sigma2) the posteriors came from."""
+        the GMM (lam, mu, sigma2) the posteriors came from. Per-channel posteriors: tau is
+        (N, K, C, *), and n, scale and lam are (K, C)."""
         info: dict = {}
         return self._forward(input, info), info
 
@@ -723,6 +747,7 @@ class _MixtureNorm(nn.Module):
         ready = self._is_ready()
         reduce = self._reducer()
         sm = _sample_major(X)
+        per_channel, fresh = self.posteriors == "per_channel", self.fit == "fresh"
         with torch.no_grad():
             Xd = _as_ncl(X.detach(), sm)
             N, C, L = Xd.shape
@@ -730,7 +755,7 @@ class _MixtureNorm(nn.Module):
                 raise ValueError("Expected more than 1 value per channel when training")
             if ready:
                 gmm = GMM(self.gmm_lambda.to(dtype), self.gmm_mu.to(dtype), self.gmm_sigma2.to(dtype))
-                shift = gmm.lam @ gmm.mu
+                shift = _mv.mixture_mean(gmm)
             else:
                 stats = self._all_reduce(torch.cat([X.new_full((1,), float(N * L)), Xd.sum((0, 2))]))
                 shift = stats[1:] / stats[0]
@@ -740,39 +765,46 @@ class _MixtureNorm(nn.Module):
                 X2c_out = torch.empty_like(X)
                 X2c = torch.sub(Xd, shift[:, None], out=_as_ncl(X2c_out, sm)).square_()
 
-            # EM, warm-started from the previous step's GMM (centered coordinates).
+            # EM, warm-started from the previous step's GMM or fitted afresh (centered coordinates).
             Xs, X2s, s_shift = self._em_samples(Xd, X2c, shift, max(K, self.em_samples // world))
-            if ready:
+            if ready and not fresh:
                 gmm = gmm.shifted(shift)
             else:
                 Xsc = Xs if s_shift is None else Xs - s_shift[:, None]
-                gmm = _init_gmm(Xsc, X2s, K, self.init_em_steps, self.var_floor, self.eps,
-                                reduce, self._first_rank_only)
+                init = _mv.init_gmm if per_channel else _init_gmm
+                fitted = init(Xsc, X2s, K, self.em_steps if fresh else self.init_em_steps, self.var_floor,
+                              self.eps, reduce, self._first_rank_only)
+                gmm = _mv.align(fitted, gmm.shifted(shift)) if ready else fitted
+            em_step = _mv.em_step if per_channel else _em_step
             maha = None
-            for it in range(self.em_steps):
-                gmm, maha = _em_step(Xs, X2s, gmm, self.var_floor, self.eps, reduce, s_shift,
-                                     want_maha=it == self.em_steps - 1)
+            for it in range(0 if fresh else self.em_steps):
+                gmm, maha = em_step(Xs, X2s, gmm, self.var_floor, self.eps, reduce, s_shift,
+                                    want_maha=it == self.em_steps - 1)
             scale = self._scale(gmm.lam)
         weight, bias = self._affine(dtype)
 
         # Posteriors of every sample under the fitted GMM, then the transform.
         if self.detach_posteriors:
             with torch.no_grad():
-                tau = _posteriors(_log_joint(Xd, X2c, gmm, shift))
-            y, E, V, n_true = _MixtureNormFunction.apply(
-                X, X2c, X2c_out, shift, tau, scale, weight, bias, self.eps, reduce)
+                tau = (_mv.posteriors(_mv.log_joint(Xd, gmm, shift)) if per_channel
+                       else _posteriors(_log_joint(Xd, X2c, gmm, shift)))
+            fn = _mv.PerChannelFunction if per_channel else _MixtureNormFunction
+            y, E, V, n_true = fn.apply(X, X2c, X2c_out, shift, tau, scale, weight, bias, self.eps, reduce)
         else:
             X3 = _as_ncl(X, sm)
             X2g = (X3 - shift[:, None]).square()
-            tau = _posteriors(_log_joint(X3, X2g, gmm, shift))
-            y, E, V, n_true, _, _ = _normalize_math(
+            tau = (_mv.posteriors(_mv.log_joint(X3, gmm, shift)) if per_channel
+                   else _posteriors(_log_joint(X3, X2g, gmm, shift)))
+            normalize = _mv.normalize_math if per_channel else _normalize_math
+            y, E, V, n_true, _, _ = normalize(
                 X3, X2g, shift, tau, scale, weight, bias, self.eps,
                 lambda t: self._all_reduce(t, differentiable=True))
             y = _from_ncl(y, X.shape, sm)
             E, V, n_true = E.detach(), V.detach(), n_true.detach()
 
         if info is not None:
-            tau_out = _from_ncl(tau.detach(), (X.shape[0], K, *X.shape[2:]), sm)
+            tau_out = (_mv.tau_like_input(tau.detach(), X.shape, sm) if per_channel
+                       else _from_ncl(tau.detach(), (X.shape[0], K, *X.shape[2:]), sm))
             info.update(tau=tau_out, n=n_true, E=E + shift, V=V, scale=scale,
                         lam=gmm.lam, mu=gmm.mu + shift, sigma2=gmm.sigma2)
         if update:
@@ -800,11 +832,18 @@ class _MixtureNorm(nn.Module):
                 torch._foreach_copy_(gmm_bufs, [lam, mu, sigma2])
             # BN's update with its unbiased correction n/(n-1), n_k = sum_i tau_ik; a
             # component with too little mass for the correction (n_k <= 2) keeps its values.
-            w = (n_true > 2.0).to(E.dtype).mul_(f)[:, None]
-            v_unbiased = V * (n_true / (n_true - 1.0).clamp_min(1.0))[:, None]
+            # (Per-channel posteriors: n_kc, per component and channel.)
+            nk = n_true if n_true.dim() == 2 else n_true[:, None]
+            w = (nk > 2.0).to(E.dtype).mul_(f)
+            v_unbiased = V * (nk / (nk - 1.0).clamp_min(1.0))
             torch._foreach_lerp_([self.running_E, self.running_V], [E + shift, v_unbiased], [w, w])
 
-        if maha is not None:
+        if maha is not None and self.posteriors == "per_channel":
+            (lam, mu, sigma2), dead = _mv.reseed(GMM(lam, mu, sigma2), self.dead_count, maha, Xs,
+                                                 shift if xs_centered else None, self.lambda_min,
+                                                 self.dead_steps, self._first_rank_only)
+            self.dead_count.copy_(dead)
+        elif maha is not None:
             # Dead components, branch-free (no device->host sync): every step draws one
             # k-means++ candidate per component, with probability proportional to the
             # distance to the nearest live component; only components dead for
@@ -837,21 +876,26 @@ class _MixtureNorm(nn.Module):
         dtype, shape, sm = X.dtype, X.shape, _sample_major(X)
         X = _as_ncl(X, sm)
         gmm = GMM(self.running_lambda.to(dtype), self.running_mu.to(dtype), self.running_sigma2.to(dtype))
-        shift = gmm.lam @ gmm.mu
+        shift = _mv.mixture_mean(gmm)
+        per_channel = self.posteriors == "per_channel"
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_posteriors):
             X2c = (X - shift[:, None]).square()
-            tau = _posteriors(_log_joint(X, X2c, gmm.shifted(shift), shift))
+            tau = (_mv.posteriors(_mv.log_joint(X, gmm.shifted(shift), shift)) if per_channel
+                   else _posteriors(_log_joint(X, X2c, gmm.shifted(shift), shift)))
         scale = self._scale(gmm.lam)
         E = self.running_E.to(dtype)
         r = torch.rsqrt(self.running_V.to(dtype) + self.eps)
         weight, bias = self._affine(dtype)
-        P, Q = _coefficients(scale, r, E, weight, bias)
+        P, Q = (_mv.coefficients if per_channel else _coefficients)(scale, r, E, weight, bias)
         if info is not None:
-            tau_out = _from_ncl(tau.detach(), (shape[0], tau.shape[1], *shape[2:]), sm)
-            info.update(tau=tau_out, n=tau.detach().sum((0, 2)), E=E, V=self.running_V.to(dtype),
+            tau_out = (_mv.tau_like_input(tau.detach(), shape, sm) if per_channel
+                       else _from_ncl(tau.detach(), (shape[0], tau.shape[1], *shape[2:]), sm))
+            n = tau.detach().sum((1, 3) if per_channel else (0, 2))
+            info.update(tau=tau_out, n=n, E=E, V=self.running_V.to(dtype),
                         scale=scale, lam=gmm.lam, mu=gmm.mu, sigma2=gmm.sigma2)
         needs_grad = torch.is_grad_enabled() and (X.requires_grad or tau.requires_grad or P.requires_grad)
-        return _from_ncl(_mix_apply(X, tau, P, Q, out=None if needs_grad else X2c), shape, sm)
+        mix = _mv.mix_apply if per_channel else _mix_apply
+        return _from_ncl(mix(X, tau, P, Q, out=None if needs_grad else X2c), shape, sm)
 
 
 class MixtureNorm2d(_MixtureNorm):
