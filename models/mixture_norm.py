@@ -755,6 +755,8 @@ class _MixtureNorm(nn.Module):
                 raise ValueError("Expected more than 1 value per channel when training")
             if ready:
                 gmm = GMM(self.gmm_lambda.to(dtype), self.gmm_mu.to(dtype), self.gmm_sigma2.to(dtype))
+                if update and torch.compiler.is_compiling():  # the buffers change before backward
+                    gmm = _mv.snapshot(gmm)
                 shift = _mv.mixture_mean(gmm)
             else:
                 stats = self._all_reduce(torch.cat([X.new_full((1,), float(N * L)), Xd.sum((0, 2))]))

@@ -47,6 +47,26 @@ def _b(t: Tensor) -> Tensor:
     return t[:, None, :, None]
 
 
+def snapshot(gmm: GMM) -> GMM:
+    """The GMM state read from the buffers, as values torch.compile's partitioner will save for
+    backward instead of re-reading the buffers there. For use inside a compiled training step.
+
+    The step overwrites these buffers (copy_) at its end. The partitioner may recompute a cheap
+    function of them (the shift, a posterior) in the backward instead of saving it, and it then
+    reads the overwritten state: silently wrong gradients (seen with aot_eager and inductor,
+    torch 2.14; pytorch/pytorch PR 197039 is the upstream fix). A matmul is never recomputed,
+    so the state goes through one: identity @ packed state, in float64 so that no reduced-
+    precision matmul mode (TF32) can round it. Exact: every output is 1 * x + 0 * (others).
+    """
+    per_channel = gmm.lam.dim() == 2
+    lam = gmm.lam if per_channel else gmm.lam[:, None]
+    packed = torch.cat([lam, gmm.mu, gmm.sigma2], 1)
+    eye = torch.eye(packed.shape[0], dtype=torch.float64, device=packed.device)
+    c = gmm.mu.shape[1]
+    lam, mu, sigma2 = (eye @ packed.double()).to(packed.dtype).split([lam.shape[1], c, c], 1)
+    return _mn.GMM(lam if per_channel else lam[:, 0], mu, sigma2)
+
+
 def mixture_mean(gmm: GMM) -> Tensor:
     """sum_k lambda_k mu_k (C,), for a joint (lam (K,)) or a per-channel (lam (K, C)) mixture."""
     return gmm.lam @ gmm.mu if gmm.lam.dim() == 1 else (gmm.lam * gmm.mu).sum(0)
@@ -61,6 +81,14 @@ def mixture_mean(gmm: GMM) -> Tensor:
 # softmax over K reads K contiguous slabs. (torch's CPU softmax copies a non-contiguous input
 # first; with K as dim 1 every step was several times slower.)
 # ----------------------------------------------------------------------------------------
+
+
+def _eager_buffers(*ts: Tensor) -> bool:
+    """Whether to write into preallocated buffers (out=, in place): not under autograd, whose
+    graph needs the values, nor under torch.compile, which plans memory itself and refuses
+    non-contiguous out= tensors."""
+    return not torch.compiler.is_compiling() and not (
+        torch.is_grad_enabled() and any(t.requires_grad for t in ts))
 
 
 def _slabs(X: Tensor, k: int) -> Tensor:
@@ -79,7 +107,7 @@ def _softmax_k(logj: Tensor) -> Tensor:
 def posteriors(logj: Tensor) -> Tensor:
     """tau (K, B, C, L) = softmax over K, values below _TAU_MIN zeroed (no denormals; see there)."""
     tau = _softmax_k(logj)
-    if tau.requires_grad:
+    if not _eager_buffers(tau):
         return F.threshold(tau, _mn._TAU_MIN, 0.0)
     return F.threshold_(tau, _mn._TAU_MIN, 0.0)
 
@@ -94,7 +122,7 @@ def log_joint(X: Tensor, gmm: GMM, shift: Optional[Tensor] = None) -> Tensor:
     cheap and exact, so unlike the joint code no expanded quadratic form is needed."""
     mu = gmm.mu if shift is None else gmm.mu + shift
     const, rs = _b(_log_norm(gmm)), _b(gmm.sigma2.rsqrt())
-    if torch.is_grad_enabled() and X.requires_grad:  # autograd keeps z: no in-place ops
+    if not _eager_buffers(X):
         z = (X - _b(mu)) * rs
         return torch.addcmul(const, z, z, value=-0.5)
     z = torch.sub(X, _b(mu), out=_slabs(X, mu.shape[0])).mul_(rs)
@@ -105,7 +133,7 @@ def _sums(tau: Tensor, Y: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
     """sum_i tau_ikc y_ic, (K, C), for Y (B, C, L). Without autograd, slab by slab through one
     X-sized buffer: on CPU a fresh K-times-activation-sized product costs page faults on top
     of its pass. (einsum would reorder tau for a batched GEMM: far slower.)"""
-    if torch.is_grad_enabled() and (tau.requires_grad or Y.requires_grad):
+    if not _eager_buffers(tau, Y):
         return (tau * Y).sum((1, 3))
     tmp = torch.empty_like(Y) if tmp is None else tmp
     return torch.stack([torch.mul(tau[k], Y, out=tmp).sum((0, 2)) for k in range(tau.shape[0])])
@@ -242,8 +270,8 @@ def _weighted(tau: Tensor, W: Tensor, out: Optional[Tensor] = None) -> Tensor:
 
 def mix_apply(X: Tensor, tau: Tensor, P: Tensor, Q: Tensor, out: Optional[Tensor] = None) -> Tensor:
     """y_ic = x_ic sum_k tau_ikc P_kc + sum_k tau_ikc Q_kc for X (B, C, L), tau (K, B, C, L).
-    With `out` (no autograd), y is written there."""
-    if out is None:
+    With `out` (no autograd), y is written there (unless compiling: see _eager_buffers)."""
+    if out is None or torch.compiler.is_compiling():
         return torch.addcmul(_weighted(tau, Q), X, _weighted(tau, P))
     _weighted(tau, P, out).mul_(X)
     for k in range(tau.shape[0]):
@@ -274,14 +302,12 @@ class PerChannelFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, X, X2c, out, shift, tau, scale, weight, bias, eps, reduce):
         sm = _mn._sample_major(X)
-        if out is None:
-            out = torch.empty_like(X)
-            buf = _mn._as_ncl(out, sm)
-        else:
-            buf = X2c
+        if out is not None:
             ctx.mark_dirty(out)
-        _, E, V, n_true, n, r = normalize_math(_mn._as_ncl(X, sm), X2c, shift, tau, scale, weight, bias,
-                                               eps, reduce, out=buf)
+        y, E, V, n_true, n, r = normalize_math(_mn._as_ncl(X, sm), X2c, shift, tau, scale, weight, bias,
+                                               eps, reduce, out=None if out is None else X2c)
+        if out is None:  # under torch.compile, which manages memory itself
+            out = _mn._from_ncl(y, X.shape, sm)
         ctx.save_for_backward(X, shift, tau, scale, weight, E, n_true, n, r)
         ctx.reduce, ctx.sample_major = reduce, sm
         ctx.mark_non_differentiable(E, V, n_true)
@@ -306,6 +332,9 @@ class PerChannelFunction(torch.autograd.Function):
             P, G, H = sg * r, sg * gy, sg * hy
             beta = -(r ** 3) * (H - E * G) / n
             alpha = -r * G / n - beta * (2.0 - n_true / n) * E - beta * shift
+            if not _eager_buffers():
+                dx = _weighted(tau, P) * dy + _weighted(tau, beta) * X + _weighted(tau, alpha)
+                return _mn._from_ncl(dx, X_in.shape, sm), None, None, None, None, None, d_w, d_b, None, None
             d_x = torch.empty_like(X_in)
             dx = _weighted(tau, P, out=_mn._as_ncl(d_x, sm)).mul_(dy)
             dx.addcmul_(_weighted(tau, beta, out=tmp), X)
