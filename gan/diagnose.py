@@ -4,7 +4,8 @@ For every BatchNorm / MixtureNorm layer of a generator, on one batch of noise in
 the distribution of the pre-normalization activations of a few channels, the Gaussian
 mixture over it (an MN layer's own running GMM; for a BN layer a K-component GMM fitted with
 MN's EM code, i.e. what BN's single Gaussian ignores), and the normalized output. One PNG per
-layer, plus skewness / excess kurtosis (non-Gaussianity) and mixture weights per layer.
+layer, plus skewness / excess kurtosis (non-Gaussianity), mixture weights and the mixture's
+mode overlap (mode_overlap: do the components separate modes?) per layer.
 """
 from __future__ import annotations
 
@@ -40,6 +41,44 @@ def channel_moments(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return torch.where(valid, skew, 0.0), torch.where(valid, kurt, 0.0), valid
 
 
+def mode_overlap(gmm: GMM) -> float | None:
+    """How much a mixture's components overlap, channel by channel: 0 when every pair of components
+    is separated in every channel, 1 when the components are identical. None for K = 1.
+
+    For channel c and components j, k, with 1-D marginals N(mu_jc, s_jc) and N(mu_kc, s_kc), the
+    Bhattacharyya coefficient (the integral of sqrt(p_j p_k), 1 for identical densities, ~0 for
+    disjoint ones) is
+        BC_jkc = sqrt(2 sqrt(s_jc s_kc) / (s_jc + s_kc)) * exp(-(mu_jc - mu_kc)^2 / (4 (s_jc + s_kc))).
+    Channel c's overlap averages it over the pairs j < k, weighted by lam_j lam_k (the chance that
+    two samples come from j and k, so a nearly dead component has little say):
+        overlap_c = sum_{j<k} lam_j lam_k BC_jkc / sum_{j<k} lam_j lam_k,
+    with per-channel weights lam_jc for a per-channel mixture. The layer's figure is the mean of
+    overlap_c over channels. Marginals, not the C-dimensional components: in a wide layer two
+    diagonal Gaussians are nearly disjoint as soon as a few channels differ, which says nothing
+    about whether each channel's modes are separated.
+    """
+    lam, mu, s2 = (t.detach().double().cpu() for t in gmm)
+    k = mu.shape[0]
+    if k < 2:
+        return None
+    lam = lam[:, None].expand_as(mu) if lam.dim() == 1 else lam  # (K, C)
+    j, i = torch.triu_indices(k, k, offset=1)
+    ssum = s2[j] + s2[i]
+    bc = torch.sqrt(2.0 * torch.sqrt(s2[j] * s2[i]) / ssum) * torch.exp(-(mu[j] - mu[i]) ** 2 / (4.0 * ssum))
+    w = lam[j] * lam[i]  # (pairs, C)
+    per_channel = (w * bc).sum(0) / w.sum(0).clamp_min(1e-300)
+    return float(per_channel.mean())
+
+
+def _mean_weights(lam: Tensor) -> list[float]:
+    """The mixture weights for the report: lam itself (K,); for per-channel weights (K, C), each
+    channel's sorted in decreasing order, then averaged over channels (labels are per channel)."""
+    lam = lam.detach().double().cpu()
+    if lam.dim() == 2:
+        lam = lam.sort(0, descending=True).values.mean(1)
+    return [round(float(v), 4) for v in lam]
+
+
 def _layer_gmm(layer: nn.Module, pre: Tensor, num_components: int) -> GMM:
     if isinstance(layer, _MixtureNorm):
         if layer.track_running_stats:  # what eval mode uses
@@ -66,11 +105,12 @@ def _plot(path: Path, title: str, pre: Tensor, post: Tensor, gmm: GMM, chans: li
         pad = 0.1 * (hi - lo) + 1e-6
         grid = torch.linspace(lo - pad, hi + pad, 400, dtype=torch.float64)
         total = torch.zeros_like(grid)
-        for k in range(len(lam)):  # K curves for a plot: a loop is clearer than broadcasting
-            pdf = lam[k] * torch.exp(-0.5 * (grid - mu[k, c]) ** 2 / sigma2[k, c]) / torch.sqrt(
+        lam_c = lam[:, c] if lam.dim() == 2 else lam  # per-channel mixtures: channel c's weights
+        for k in range(len(lam_c)):  # K curves for a plot: a loop is clearer than broadcasting
+            pdf = lam_c[k] * torch.exp(-0.5 * (grid - mu[k, c]) ** 2 / sigma2[k, c]) / torch.sqrt(
                 2 * math.pi * sigma2[k, c])
             total += pdf
-            ax.plot(grid.numpy(), pdf.numpy(), lw=1.2, label=f"k={k} (λ={lam[k]:.2f})")
+            ax.plot(grid.numpy(), pdf.numpy(), lw=1.2, label=f"k={k} (λ={lam_c[k]:.2f})")
         ax.plot(grid.numpy(), total.numpy(), "k--", lw=1, label="mixture")
         ax.set_title(f"ch {c} before norm: skew {skew[c]:.2f}, excess kurtosis {kurt[c]:.2f}", fontsize=9)
         ax.legend(fontsize=7)
@@ -90,7 +130,8 @@ def diagnose(generator: nn.Module, z_dim: int, out_dir: Path, device, num_sample
 
     Plots the `channels` channels with the most skewed pre-norm activations. Returns one dict
     per layer: index, name, kind ("bn"/"mn"), num_features, skewness and excess_kurtosis
-    (pre-norm, averaged over non-constant channels), mixture_weights, channels, png.
+    (pre-norm, averaged over non-constant channels), mixture_weights (_mean_weights),
+    mode_overlap (see there; None for K = 1), channels, png.
     Reproducible for a given seed; the caller's RNG state is left as it was.
     """
     out_dir = Path(out_dir)
@@ -127,7 +168,8 @@ def diagnose(generator: nn.Module, z_dim: int, out_dir: Path, device, num_sample
                     "index": idx, "name": name, "kind": kind, "num_features": pre.shape[1],
                     "skewness": float(skew[valid].mean()) if n_valid else 0.0,
                     "excess_kurtosis": float(kurt[valid].mean()) if n_valid else 0.0,
-                    "mixture_weights": [round(float(v), 4) for v in gmm.lam],
+                    "mixture_weights": _mean_weights(gmm.lam),
+                    "mode_overlap": mode_overlap(gmm),
                     "channels": chans, "png": str(png),
                 })
     finally:
@@ -139,12 +181,16 @@ def diagnose(generator: nn.Module, z_dim: int, out_dir: Path, device, num_sample
 
 def format_report(rows: list[dict]) -> str:
     """A plain-text table of diagnose()'s rows."""
-    head = f"{'#':>2}  {'layer':<24} {'kind':<4} {'C':>5} {'skew':>7} {'ex.kurt':>8}  mixture weights"
+    head = f"{'#':>2}  {'layer':<24} {'kind':<4} {'C':>5} {'skew':>7} {'ex.kurt':>8} {'overlap':>7}  mixture weights"
     lines = [head, "-" * len(head)]
     for r in rows:
         weights = " ".join(f"{w:.2f}" for w in r["mixture_weights"])
+        overlap = "-" if r["mode_overlap"] is None else f"{r['mode_overlap']:.3f}"
         lines.append(f"{r['index']:>2}  {r['name'][:24]:<24} {r['kind']:<4} {r['num_features']:>5} "
-                     f"{r['skewness']:>7.2f} {r['excess_kurtosis']:>8.2f}  {weights}")
+                     f"{r['skewness']:>7.2f} {r['excess_kurtosis']:>8.2f} {overlap:>7}  {weights}")
     lines.append("skew/ex.kurt: of the pre-norm activations, averaged over channels (0 for a Gaussian). "
                  "Weights: MN's running GMM; for BN a GMM fitted to what BN normalizes.")
+    lines.append("overlap: the mixture's mode overlap, the lambda-weighted mean Bhattacharyya coefficient of "
+                 "pairs of components per channel, averaged over channels (0 = modes separated, 1 = identical "
+                 "components).")
     return "\n".join(lines)

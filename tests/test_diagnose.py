@@ -82,3 +82,44 @@ def test_skewed_input_has_positive_skewness(tmp_path):
     # sqrt(24 / n) = 0.035, so these bounds sit ~6 standard errors out.
     assert skew[:2].abs().max() < 0.1 and kurt[:2].abs().max() < 0.2
     assert torch.isfinite(skew).all() and torch.isfinite(kurt).all()
+
+
+def test_mode_overlap_is_0_for_separated_and_1_for_identical_components():
+    from gan.diagnose import mode_overlap
+    from models.mixture_norm import GMM
+    c = 4
+    lam = torch.tensor([0.5, 0.3, 0.2])
+    # 20 std apart: BC = exp(-20^2 / 8) = exp(-50) for every pair and channel.
+    separated = GMM(lam, torch.tensor([[0.0] * c, [20.0] * c, [-20.0] * c]), torch.ones(3, c))
+    assert mode_overlap(separated) < 1e-20
+    identical = GMM(lam, torch.full((3, c), 1.5), torch.full((3, c), 0.3))
+    assert mode_overlap(identical) == pytest.approx(1.0, abs=1e-12)
+    # Two unit-variance components 2 apart: BC = exp(-d^2 / (4 (1 + 1))) = exp(-0.5) in every channel.
+    two = GMM(torch.tensor([0.7, 0.3]), torch.tensor([[0.0] * c, [2.0] * c]), torch.ones(2, c))
+    assert mode_overlap(two) == pytest.approx(math.exp(-0.5), rel=1e-12)
+    # Unequal variances: BC = sqrt(2 s1 s2 / (s1^2 + s2^2)) for equal means (s = std).
+    wide = GMM(torch.tensor([0.5, 0.5]), torch.zeros(2, c), torch.tensor([[1.0] * c, [4.0] * c]))
+    assert mode_overlap(wide) == pytest.approx(math.sqrt(2 * 1 * 2 / (1 + 4)), rel=1e-12)
+    # Per-channel weights: channel 0's components separated, channel 1's identical -> the mean, 0.5.
+    pc = GMM(torch.full((2, 2), 0.5), torch.tensor([[0.0, 1.0], [30.0, 1.0]]), torch.ones(2, 2))
+    assert mode_overlap(pc) == pytest.approx(0.5, abs=1e-12)
+    # A nearly dead component counts by its weight: the figure is the other pair's.
+    dying = GMM(torch.tensor([0.5, 0.5 - 1e-9, 1e-9]), torch.tensor([[0.0] * c, [2.0] * c, [0.0] * c]),
+                torch.ones(3, c))
+    assert mode_overlap(dying) == pytest.approx(math.exp(-0.5), rel=1e-6)
+    assert mode_overlap(GMM(torch.ones(1), torch.zeros(1, c), torch.ones(1, c))) is None
+
+
+def test_diagnose_reports_per_channel_mixtures(tmp_path):
+    torch.manual_seed(0)
+    G = TinyGenerator()
+    G.net[4] = MixtureNorm2d(8, posteriors="per_channel")
+    for _ in range(3):
+        G(torch.randn(16, 8)).mean().backward()
+    rows = diagnose(G, 8, tmp_path, "cpu", num_samples=32, channels=2)
+    mn = rows[1]
+    assert mn["kind"] == "mn" and len(mn["mixture_weights"]) == 3
+    assert abs(sum(mn["mixture_weights"]) - 1) < 1e-3
+    assert mn["mixture_weights"] == sorted(mn["mixture_weights"], reverse=True)
+    assert all(0.0 <= r["mode_overlap"] <= 1.0 for r in rows)
+    assert "overlap" in format_report(rows)
