@@ -2,7 +2,8 @@
 
 - train: our training step (BN generator) vs a reference loop written the way the classic PyTorch
   DCGAN example is (DataLoader over CPU tensors, fp32, default memory format, `.item()` every step).
-- norm:  our step with MN (K=3, one EM step) vs our step with BN; step time and memory.
+- norm:  our step with MN (K=3, one EM step) vs our step with BN; step time and memory, for each MN variant
+  (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), all timed side by side.
 - eval:  our Inception feature extraction vs a default `torch_fidelity.calculate_metrics` call on the
   same images, and the FID each gives.
 Timings alternate between the two sides and report the median, so drift hits both alike.
@@ -40,19 +41,26 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _alternate(a: Callable[[], None], b: Callable[[], None], repeats: int, device: torch.device
-               ) -> tuple[float, float]:
-    """Median seconds of `a` and of `b`, timed in alternation after one warm-up call each."""
-    ta, tb = [], []
-    a(), b()
+def _alternate_all(fns: list[Callable[[], None]], repeats: int, device: torch.device) -> list[float]:
+    """Median seconds of each of `fns`, timed in turn (round robin) after one warm-up call each."""
+    times: list[list[float]] = [[] for _ in fns]
+    for fn in fns:
+        fn()
     for _ in range(repeats):
-        for fn, out in ((a, ta), (b, tb)):
+        for fn, out in zip(fns, times):
             _sync(device)
             t0 = time.perf_counter()
             fn()
             _sync(device)
             out.append(time.perf_counter() - t0)
-    return statistics.median(ta), statistics.median(tb)
+    return [statistics.median(t) for t in times]
+
+
+def _alternate(a: Callable[[], None], b: Callable[[], None], repeats: int, device: torch.device
+               ) -> tuple[float, float]:
+    """Median seconds of `a` and of `b`, timed in alternation after one warm-up call each."""
+    ta, tb = _alternate_all([a, b], repeats, device)
+    return ta, tb
 
 
 def synthetic_data(n: int = 4096, seed: int = 0) -> ImageData:
@@ -151,28 +159,42 @@ def _activation_bytes(trainer) -> int:
     return total
 
 
+# MN variants for `bench norm`: name -> config overrides. The first (the defaults) keeps the row names that
+# earlier bench outputs used; the others' ratio names say which variant they are.
+MN_VARIANTS = {
+    "joint/warm": {},
+    "per_channel": {"model.mn.posteriors": "per_channel"},
+    "fresh": {"model.mn.fit": "fresh"},
+    "per_channel+fresh": {"model.mn.posteriors": "per_channel", "model.mn.fit": "fresh"},
+}
+
+
 def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, batch_size: int = 64) -> list[Row]:
     data = synthetic_data()
     common = {"model.ngf": ngf, "model.ndf": ngf, "train.batch_size": batch_size,
               "model.mn.num_components": 3, "model.mn.em_steps": 1}
     with tempfile.TemporaryDirectory() as tmp:
         bn = make_trainer(device.type, "bn", data, Path(tmp) / "bn", **common)
-        mn = make_trainer(device.type, "mn", data, Path(tmp) / "mn", **common)
-        t_mn, t_bn = _alternate(lambda: run_steps(mn, steps), lambda: run_steps(bn, steps), repeats, device)
-        rows = [Row("norm", f"DCGAN step, MN (K=3, 1 EM step) vs BN, batch {batch_size}", t_mn / steps * 1e3,
-                    t_bn / steps * 1e3, "ms/step", "MN/BN step time", t_mn / t_bn)]
+        mns = {name: make_trainer(device.type, "mn", data, Path(tmp) / f"mn{i}", **common, **o)
+               for i, (name, o) in enumerate(MN_VARIANTS.items())}
+        trainers = [*mns.values(), bn]
+        *t_mn, t_bn = _alternate_all([lambda tr=tr: run_steps(tr, steps) for tr in trainers], repeats, device)
         if device.type == "cuda":
-            peaks = []
-            for tr in (mn, bn):
+            what, peaks = "peak GPU memory per step", []
+            for tr in trainers:
                 torch.cuda.reset_peak_memory_stats(device)
                 run_steps(tr, 2)
                 peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
-            rows.append(Row("norm", "peak GPU memory per step", peaks[0], peaks[1], "MiB", "MN/BN memory",
-                            peaks[0] / peaks[1]))
         else:
-            a_mn, a_bn = _activation_bytes(mn) / 2**20, _activation_bytes(bn) / 2**20
-            rows.append(Row("norm", "tensors saved for backward per step", a_mn, a_bn, "MiB", "MN/BN memory",
-                            a_mn / a_bn))
+            what, peaks = "tensors saved for backward per step", [_activation_bytes(tr) / 2**20 for tr in trainers]
+        rows = []
+        for i, name in enumerate(mns):
+            label, suffix = ("(K=3, 1 EM step) ", "") if i == 0 else (f"{name} ", f", {name}")
+            rows.append(Row("norm", f"DCGAN step, MN {label}vs BN, batch {batch_size}",
+                            t_mn[i] / steps * 1e3, t_bn / steps * 1e3, "ms/step", f"MN/BN step time{suffix}",
+                            t_mn[i] / t_bn))
+            rows.append(Row("norm", what + (f", MN {name}" if i else ""), peaks[i], peaks[-1], "MiB",
+                            f"MN/BN memory{suffix}", peaks[i] / peaks[-1]))
     return rows
 
 
