@@ -279,30 +279,36 @@ def _mixture_data(n: int, c: int, hw: int, seed: int) -> torch.Tensor:
 
 # name -> (kind, channels_last, detach_posteriors); every one in float64 (the identity) and float32 (the
 # training dtype: it runs synchronized too).
+PER_CHANNEL = {"posteriors": "per_channel"}
+# name -> (kind, channels_last, detach_posteriors, MixtureNorm options)
 NORM_CASES = {
-    "bn": ("bn", False, True), "bn-channels-last": ("bn", True, True),
-    "mn": ("mn", False, True), "mn-channels-last": ("mn", True, True),
-    "mn-posterior-gradients": ("mn", False, False),
+    "bn": ("bn", False, True, {}), "bn-channels-last": ("bn", True, True, {}),
+    "mn": ("mn", False, True, {}), "mn-channels-last": ("mn", True, True, {}),
+    "mn-posterior-gradients": ("mn", False, False, {}),
+    "mn-per-channel": ("mn", False, True, PER_CHANNEL), "mn-per-channel-channels-last": ("mn", True, True, PER_CHANNEL),
+    "mn-per-channel-posterior-gradients": ("mn", False, False, PER_CHANNEL),
 }
+# Fresh fits seed from rank 0's share of the batch: the ranks agree with each other, not with one process.
+RANKS_ONLY_CASES = {"mn-per-channel-fresh": ("mn", True, True, {**PER_CHANNEL, "fit": "fresh"})}
 
 
 def _norm_cases() -> dict:
     """name -> module factory args, a warmed-up state, input and upstream gradient (batch 64)."""
     from models.mixture_norm import MixtureNorm2d
     cases = {}
-    for (name, (kind, channels_last, detach)), dtype in itertools.product(
-            NORM_CASES.items(), (torch.float64, torch.float32)):
+    for (name, (kind, channels_last, detach, opts)), dtype in itertools.product(
+            {**NORM_CASES, **RANKS_ONLY_CASES}.items(), (torch.float64, torch.float32)):
         torch.manual_seed(0)
         c = 6
         m = (torch.nn.BatchNorm2d(c) if kind == "bn" else
-             MixtureNorm2d(c, num_components=3, em_samples=4096, detach_posteriors=detach))
+             MixtureNorm2d(c, num_components=3, em_samples=4096, detach_posteriors=detach, **opts))
         torch.nn.init.normal_(m.weight, 1.0, 0.2)
         torch.nn.init.normal_(m.bias, 0.0, 0.2)
         m.to(dtype).train()
         with torch.no_grad():  # warm-up: the mixture is seeded (k-means++ on one process) and fitted once
             m(_mixture_data(64, c, 4, seed=1).to(dtype))
         cases[f"{name}-{str(dtype)[6:]}"] = {
-            "kind": kind, "channels_last": channels_last, "detach": detach, "channels": c,
+            "kind": kind, "channels_last": channels_last, "detach": detach, "channels": c, "opts": opts,
             "state": {k: v.clone() for k, v in m.state_dict().items()},
             "x": _mixture_data(64, c, 4, seed=2).to(dtype), "grad": torch.randn(64, c, 4, 4).to(dtype)}
     return cases
@@ -313,7 +319,7 @@ def _build(case: dict) -> torch.nn.Module:
     from models.mixture_norm import MixtureNorm2d
     c = case["channels"]
     m = (torch.nn.BatchNorm2d(c) if case["kind"] == "bn" else
-         MixtureNorm2d(c, num_components=3, em_samples=4096, detach_posteriors=case["detach"]))
+         MixtureNorm2d(c, num_components=3, em_samples=4096, detach_posteriors=case["detach"], **case["opts"]))
     m.to(case["x"].dtype).load_state_dict(case["state"])
     return torch.nn.Sequential(m).train()
 
@@ -458,6 +464,16 @@ def test_norm_layer_two_ranks_run_in_float32(worker_results, name):
                 assert torch.isfinite(r["state"][k]).all(), k
             else:
                 assert torch.equal(r["state"][k], v), k
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+def test_fresh_fit_ranks_agree(worker_results, dtype):
+    """A fresh fit draws its k-means++ seeds on rank 0 and shares them; EM then uses all-reduced sums,
+    so every rank holds the same mixture (bit for bit) and the step's outputs are finite."""
+    ranks = [r["norms"][f"mn-per-channel-fresh-{dtype}"] for r in worker_results["ranks"]]
+    for k, v in ranks[0]["state"].items():
+        assert torch.equal(ranks[1]["state"][k], v), k
+    assert all(torch.isfinite(r["y"]).all() and torch.isfinite(r["dx"]).all() for r in ranks)
 
 
 def test_ranks_agree_on_stop_signals_and_divergence(worker_results):
