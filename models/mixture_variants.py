@@ -374,7 +374,7 @@ def align(new: GMM, prev: GMM) -> GMM:
     m1, v1, m0, v0 = grp(new.mu), grp(new.sigma2), grp(prev.mu), grp(prev.sigma2)
     cost = ((m1[:, :, None] - m0[:, None]).square() / (v1[:, :, None] + v0[:, None])).sum(-1)  # (G, K, K)
     G = cost.shape[0]
-    perm = torch.zeros(G, K, dtype=torch.long, device=cost.device)  # perm[g, k] = new label -> k
+    perm = torch.zeros(G, K, dtype=torch.long, device=cost.device)  # perm[g, k]: the new component labelled k
     inf = torch.tensor(float("inf"), dtype=cost.dtype, device=cost.device)
     for _ in range(K):
         flat = cost.flatten(1).argmin(1, keepdim=True)
