@@ -179,18 +179,29 @@ def em_step(X, X2c, gmm: GMM, var_floor: float, eps: float, reduce, shift=None, 
     return _m_step(n, s1, s2, gmm, var_floor, eps), maha
 
 
+def _draw(w: Tensor) -> Tensor:
+    """One index per row of w (G, S) >= 0, drawn with probability proportional to w, as (G, 1).
+
+    Inverse CDF: one uniform per row and a binary search. (torch.multinomial draws one
+    exponential per entry instead: 30x slower over all channels' samples on CPU.)
+    """
+    cdf = w.clamp_min(_mn._TINY).cumsum(1)  # the clamp: an all-zero row draws uniformly
+    u = torch.rand(w.shape[0], 1, dtype=w.dtype, device=w.device) * cdf[:, -1:]
+    return torch.searchsorted(cdf, u).clamp_max_(w.shape[1] - 1)
+
+
 def _kmeans_pp(xs: Tensor, k: int, var: Tensor) -> Tensor:
     """(k, C) seeds: k-means++ in every channel at once, among that channel's values in xs (S, C).
 
     Standardized by var so that a channel of tiny values does not fall under the _TINY clamp.
-    Sequential in k (k - 1 draws, each one multinomial over all channels' rows).
+    Sequential in k (k - 1 draws, each vectorized over channels).
     """
-    z = (xs * var.clamp_min(_mn._TINY).rsqrt()).t()  # (C, S)
+    z = (xs * var.clamp_min(_mn._TINY).rsqrt()).t().contiguous()  # (C, S)
     i = torch.randint(z.shape[1], (z.shape[0], 1), device=xs.device)
     idx = [i]
     d2 = (z - z.gather(1, i)).square()
     for _ in range(k - 1):
-        i = torch.multinomial(d2.clamp_min(_mn._TINY), 1)
+        i = _draw(d2)
         idx.append(i)
         d2 = torch.minimum(d2, (z - z.gather(1, i)).square())
     return xs.t().gather(1, torch.cat(idx, 1)).t()
