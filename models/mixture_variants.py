@@ -230,16 +230,17 @@ def reseed(gmm: GMM, dead_count: Tensor, maha: Tensor, Xs: Tensor, cand_shift: O
            lambda_min: float, dead_steps: int, first_rank_only) -> tuple[GMM, Tensor]:
     """Dead components, channel by channel: the joint rule of mixture_norm._update_state per (k, c).
 
-    gmm in input units; maha (K, B, C, L) the last E-step's distances of EM's samples Xs
-    (B, C, L), which are raw if cand_shift is None, else x - cand_shift. Branch-free: every
-    step draws one k-means++ candidate per (k, c); only (k, c) dead for dead_steps steps take it.
+    gmm in input units; maha (K, B, C, L) the last E-step's distances (overwritten here) of EM's
+    samples Xs (B, C, L), which are raw if cand_shift is None, else x - cand_shift. Branch-free:
+    every step draws one k-means++ candidate per (k, c); only (k, c) dead for dead_steps steps
+    take it.
     lambda_min * K < 1 leaves every channel a live component to measure distances from.
     """
     K, C = gmm.lam.shape
     alive = gmm.lam >= lambda_min
     dead = (dead_count + 1).masked_fill_(alive, 0)
     again = dead >= dead_steps
-    d2 = maha.masked_fill(~_b(alive), float("inf")).amin(0)  # (B, C, L): to the nearest live one
+    d2 = maha.masked_fill_(~_b(alive), float("inf")).amin(0)  # (B, C, L): to the nearest live one
     d2 = d2.transpose(0, 1).reshape(C, -1)
     idx = torch.multinomial(d2.clamp_min_(_mn._TINY), K, replacement=True)  # (C, K)
     cand = first_rank_only(Xs.transpose(0, 1).reshape(C, -1).gather(1, idx).t())
