@@ -260,7 +260,7 @@ def prepare_references(runs: list[PlannedRun], echo: Callable[[str], None]) -> N
         cfg = r.config
         if not cfg.eval.every:
             continue
-        ev = evaluator_from_config(cfg, resolve_device(cfg.train.device), progress=False)
+        ev = evaluator_from_config(cfg, resolve_device(cfg.train.device), progress=True)  # a bar: it can take long
         if ev.reference_cache_path in done or os.path.isfile(ev.reference_cache_path):
             done.add(ev.reference_cache_path)
             continue
