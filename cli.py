@@ -208,22 +208,16 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, json_file):
     The last line is the headline ratio.
     """
     import dataclasses
-    from gan.bench import bench_eval, bench_norm, bench_train, format_table
+    from gan.bench import BenchOptions, format_table, headline, run_benches
     from gan.device import resolve_device
     dev = resolve_device(device)
     if min(steps, repeats, ngf, eval_images) < 1:
         raise click.BadParameter("--steps, --repeats, --ngf and --eval-images must be positive")
-    rows = []
-    if which in ("train", "all"):
-        rows += bench_train(dev, steps, repeats, ngf)
-    if which in ("norm", "all"):
-        rows += bench_norm(dev, steps, repeats, ngf)
-    if which in ("eval", "all"):
-        rows += bench_eval(dev, eval_images, repeats=max(1, repeats // 2), weights_path=weights)
+    rows = run_benches(which, dev, BenchOptions(steps, repeats, ngf, eval_images, weights))
     click.echo(format_table(rows, dev))
     if json_file:
         Path(json_file).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
-    click.echo("headline: " + "; ".join(f"{r.ratio_name} {r.ratio:.2f}x" for r in rows if r.unit != "MiB"))
+    click.echo(headline(rows))
 
 
 @cli.command()

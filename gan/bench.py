@@ -262,4 +262,30 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-BENCHES = {"train": bench_train, "norm": bench_norm, "eval": bench_eval}
+@dataclass
+class BenchOptions:
+    """`cli.py bench`'s options, which every benchmark reads its own from."""
+    steps: int = 10          # training steps per timed repeat
+    repeats: int = 5         # timed repeats (eval: half as many); the median is reported
+    ngf: int = 64            # generator and discriminator width
+    eval_images: int = 250   # generated (and as many real) images for eval
+    weights: str | None = None  # Inception weights for eval
+
+
+# name -> benchmark, in the order `bench all` runs them.
+BENCHES: dict[str, Callable[[torch.device, BenchOptions], list[Row]]] = {
+    "train": lambda device, o: bench_train(device, o.steps, o.repeats, o.ngf),
+    "norm": lambda device, o: bench_norm(device, o.steps, o.repeats, o.ngf),
+    "eval": lambda device, o: bench_eval(device, o.eval_images, repeats=max(1, o.repeats // 2), weights_path=o.weights),
+}
+
+
+def run_benches(which: str, device: torch.device, options: BenchOptions) -> list[Row]:
+    """The rows of one benchmark, or of every one for "all"."""
+    names = list(BENCHES) if which == "all" else [which]
+    return [row for name in names for row in BENCHES[name](device, options)]
+
+
+def headline(rows: list[Row]) -> str:
+    """The last line of `cli.py bench`: every ratio but the memory ones."""
+    return "headline: " + "; ".join(f"{r.ratio_name} {r.ratio:.2f}x" for r in rows if r.unit != "MiB")

@@ -45,7 +45,6 @@ def atomic_save(obj, path: Path) -> None:
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            _test_hook_slow_write()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,14 +70,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _test_hook_slow_write() -> None:
-    # Lets the fault tests kill the process in the middle of a checkpoint write.
-    delay = os.environ.get("MNGAN_TEST_SLOW_CKPT_WRITE")
-    if delay:
-        import time
-        time.sleep(float(delay))
 
 
 def save_checkpoint(state: dict, ckpt_dir: Path, keep: int) -> Path:

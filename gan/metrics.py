@@ -80,8 +80,7 @@ class Evaluator:
 
     def __init__(self, weights: InceptionWeights, device: torch.device, reference: Callable[[], torch.Tensor],
                  reference_id: str, cache_dir: str | None = None, batch_size: int = 200,
-                 kid_subset_size: int = DEFAULTS["kid_subset_size"], kid_subsets: int = DEFAULTS["kid_subsets"], verbose: bool = True,
-                 progress: bool = True):
+                 kid_subset_size: int = DEFAULTS["kid_subset_size"], kid_subsets: int = DEFAULTS["kid_subsets"], verbose: bool = True):
         if batch_size < 1 or kid_subset_size < 2 or kid_subsets < 1:
             raise ValueError("batch_size must be >= 1, kid_subset_size >= 2, kid_subsets >= 1")
         self.weights = weights
@@ -93,7 +92,6 @@ class Evaluator:
         self.kid_subset_size = int(kid_subset_size)
         self.kid_subsets = int(kid_subsets)
         self.verbose = verbose
-        self.progress = progress
         self.has_head = weights.has_head
         self._features_list = ["2048", "logits_unbiased"] if self.has_head else ["2048"]
         self._model: InceptionExtractor | None = None
@@ -120,7 +118,7 @@ class Evaluator:
         step = self._forward_batch_size()
         feats, logits = [], []
         with torch.inference_mode(), tqdm(total=n, desc=desc, unit="img", leave=False,
-                                          disable=not (self.verbose and self.progress)) as bar:
+                                          disable=not self.verbose) as bar:
             for start in range(0, n, step):
                 batch = images[start:start + step].to(self.device, non_blocking=True)
                 out = self.model(batch)

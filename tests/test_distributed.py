@@ -65,7 +65,6 @@ def _set_args(overrides: dict) -> list[str]:
 
 def _env() -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled", "OMP_NUM_THREADS": "1"}
-    env.pop("MNGAN_TEST_SLOW_CKPT_WRITE", None)
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
     return env

@@ -55,11 +55,10 @@ def _set_args(overrides: dict) -> list[str]:
 
 
 def _spawn(data: Path, run: Path, *extra: str, slow_write: float | None = None) -> subprocess.Popen:
+    """`cli.py train` in a subprocess; slow_write: each checkpoint write pauses that long (tests/cli_slow_save.py)."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "disabled"}
-    env.pop("MNGAN_TEST_SLOW_CKPT_WRITE", None)
-    if slow_write is not None:
-        env["MNGAN_TEST_SLOW_CKPT_WRITE"] = str(slow_write)
-    cmd = [sys.executable, str(ROOT / "cli.py"), "train", "--wandb", "disabled", "--quiet",
+    cli_py = [str(ROOT / "cli.py")] if slow_write is None else [str(ROOT / "tests" / "cli_slow_save.py"), str(slow_write)]
+    cmd = [sys.executable, *cli_py, "train", "--wandb", "disabled", "--quiet",
            *_set_args(tiny_overrides(data, run, **SUB)), *extra]
     return subprocess.Popen(cmd, cwd=run.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
@@ -177,7 +176,7 @@ def test_sigkill_anywhere_then_resume_auto_ends_with_the_same_weights(image_zip,
     p.kill()
     assert _finish(p)[0] == -signal.SIGKILL
 
-    # 2. Killed in the middle of a checkpoint write (the test hook sleeps inside it).
+    # 2. Killed in the middle of a checkpoint write (slowed down to be hit: tests/cli_slow_save.py).
     newest = _newest_complete(run)
     p = _spawn(image_zip, run, "--resume", "auto", slow_write=30)
     tmp = _wait_for(lambda: [t for t in _temps(run) if t.name.endswith(f".tmp{p.pid}")], p,
