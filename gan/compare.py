@@ -20,23 +20,18 @@ from typing import Callable, Optional
 
 import yaml
 
-from gan.config import Config, config_from_dict, flatten
+from gan.config import Config, config_from_dict, flatten, keys_where
 from gan.errors import UserError
 
 METRICS = {"fid": "fid", "kid": "kid_mean"}
 
-# Keys that never separate groups: the seed, the folder, and settings that leave the maths alone.
-# (train.steps is here so that runs of different lengths still group together.)
-NOT_GROUPING = ("run_dir", "train.seed", "train.steps", "train.device", "train.threads", "train.compile",
-                "train.compile_mode", "train.fused_adam",
-                "train.dist_timeout", "data.download", "data.on_device", "eval.every", "metrics.cache_dir",
-                "metrics.allow_download")
-NOT_GROUPING_PREFIXES = ("log.", "ckpt.")
-# Keys that must agree for numbers to be comparable at all (else refuse unless --force).
-MUST_MATCH = ("data.source", "data.path", "data.split", "eval.reference", "eval.reference_samples",
-              "eval.num_samples")
-# Only meaningful when model.norm is mn.
-MN_ONLY_PREFIXES = ("model.mn.", "model.mn_layers")
+# Each key's role here is on its config field (gan/config.py): keys that never separate groups (the seed,
+# the folder, settings that leave the maths alone; train.steps too, so that runs of different lengths still
+# group together), keys that must agree for numbers to be comparable at all (else refuse unless --force),
+# and keys only meaningful when model.norm is mn.
+NOT_GROUPING = keys_where("groups", False)
+MUST_MATCH = keys_where("must_match")
+MN_ONLY = keys_where("mn_only")
 
 
 class CompareError(UserError):
@@ -47,7 +42,7 @@ _DEFAULTS = flatten(Config().to_dict())
 
 
 def _grouping(key: str) -> bool:
-    return key not in NOT_GROUPING and not key.startswith(NOT_GROUPING_PREFIXES)
+    return key not in NOT_GROUPING
 
 
 def _fmt_value(v) -> str:
@@ -148,7 +143,7 @@ def read_run(path: Path, metric_key: str) -> Run:
         if flat[k] not in ("train", "test"):
             flat[k] = os.path.normpath(flat[k])
     if config.model.norm != "mn":  # MN options do nothing here; they must not split bn runs apart
-        flat = {k: v for k, v in flat.items() if not k.startswith(MN_ONLY_PREFIXES)}
+        flat = {k: v for k, v in flat.items() if k not in MN_ONLY}
     return Run(path, config, flat, records, evals, records[-1]["step"] if records else 0,
                statistics.fmean(sps) if sps else None)
 

@@ -39,14 +39,15 @@ from typing import Callable
 
 import yaml
 
-from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict, load_config, parse_assignment
+from gan.config import (KEY_ROLES, Config, RESUMABLE_CHANGES, config_diff, config_from_dict, load_config,
+                        parse_assignment)
 from gan.errors import UserError
 
 CLI = Path(__file__).resolve().parents[1] / "cli.py"
 KEYS = ("base", "out", "seeds", "set", "budget_minutes", "variants")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
-STUDY_OWNED = {"run_dir": "the study puts runs in OUT/<variant>-s<seed>",
-               "train.seed": "use seeds: [...] instead"}
+# Config keys the study sets itself (their `study` role in gan/config.py says why a file may not).
+STUDY_OWNED = {k: roles["study"] for k, roles in KEY_ROLES.items() if roles["study"]}
 
 
 class StudyError(UserError):

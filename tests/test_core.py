@@ -71,6 +71,24 @@ def test_bad_config_via_cli_is_one_line(tmp_path):
                      "ema_decay, fused_adam, lr_d, lr_g, on_nan, seed, steps, threads)"]
 
 
+def test_each_key_s_roles_live_on_its_field():
+    """What resume, compare and study treat specially comes from the fields' metadata (gan/config.py)."""
+    from gan import compare, study
+    from gan.config import _RULES, KEY_ROLES, RESUMABLE_CHANGES, Config, flatten, key
+    assert list(KEY_ROLES) == list(flatten(Config().to_dict()))
+    # A resume may change the length, logging, device and paths; never the maths.
+    assert {"train.steps", "train.device", "log.every", "ckpt.keep", "eval.every", "data.path"} <= set(RESUMABLE_CHANGES)
+    assert not {"model.mn.num_components", "train.lr_g", "train.seed", "log.wandb_project"} & set(RESUMABLE_CHANGES)
+    # A section's role is every key's in it.
+    assert {"log.every", "log.wandb_project", "ckpt.keep", "train.seed", "run_dir"} <= set(compare.NOT_GROUPING)
+    assert "model.norm" not in compare.NOT_GROUPING and "data.path" in compare.MUST_MATCH
+    assert set(compare.MN_ONLY) == {"model.mn_layers"} | {k for k in KEY_ROLES if k.startswith("model.mn.")}
+    assert set(study.STUDY_OWNED) == {"run_dir", "train.seed"}
+    assert _RULES["model.mn.lambda_min"][1] == "in (0, 1)" and "model.norm" not in _RULES
+    with pytest.raises(TypeError, match="unknown config key role"):
+        key(1, resumeable=True)
+
+
 def test_set_parses_yaml_values():
     assert parse_assignment("model.mn_layers=[0, 2]") == ("model.mn_layers", [0, 2])
     assert parse_assignment("train.lr_g=1e-4") == ("train.lr_g", 1e-4)
