@@ -20,6 +20,7 @@ from gan.errors import UserError
 from gan.sampling import evaluator_from_config, generate, to_uint8
 from gan.tracking import RunLogger
 from models.dcgan import build_models
+from models.sync_norms import local_norms, sync_norms
 
 
 # The noise z comes from its own generator, seeded from train.seed, so that N processes draw the same
@@ -69,8 +70,8 @@ class Trainer:
         self.G, self.D = build_models(cfg)
         if self.world > 1 and cfg.model.sync_norm:
             # Both networks: D's BN must see the global batch too for N processes to equal one.
-            distributed.sync_norms(self.G)
-            distributed.sync_norms(self.D)
+            sync_norms(self.G)
+            sync_norms(self.D)
         self.G.to(self.device)
         self.D.to(self.device)
         if cfg.train.channels_last:
@@ -349,7 +350,7 @@ class Trainer:
         e, z_dim = self.cfg.eval, self.cfg.model.z_dim
         first, last = distributed.share(math.ceil(e.num_samples / e.batch_size))
         start, stop = first * e.batch_size, min(last * e.batch_size, e.num_samples)
-        with distributed.local_norms(self.sampler) as G:
+        with local_norms(self.sampler) as G:
             if e.g_mode == "train":
                 # Batch statistics: each forward batch updates the sampling copy's state for the next one,
                 # so every rank makes all of them (cheap next to Inception) and keeps its share.
@@ -371,7 +372,7 @@ class Trainer:
     def write_samples(self) -> Path | None:
         if not self.is_main:
             return None
-        with distributed.local_norms(self.sampler) as G:  # rank 0 alone: no collectives
+        with local_norms(self.sampler) as G:  # rank 0 alone: no collectives
             images = generate(G, 64, self.cfg.model.z_dim, self.fixed_z_seed, self.device,
                               g_mode=self.cfg.eval.g_mode)
         caption = f"step {self.step}" + (" (EMA generator)" if self.ema is not None else "")

@@ -171,7 +171,7 @@ def test_one_process_torchrun_uses_nccl(tmp_path):
         import sys; sys.path.insert(0, {str(ROOT)!r})
         import copy, torch, torch.distributed as dist
         from gan import distributed
-        from models.mixture_norm import sum_over_ranks
+        from models.sync_norms import sum_over_ranks
         distributed._init("cuda", __import__("datetime").timedelta(seconds=60))
         assert dist.get_backend() == "nccl", dist.get_backend()
         t = torch.ones(3, device="cuda"); dist.all_reduce(t)

@@ -354,6 +354,7 @@ def _worker(rank: int, world: int, store: str, cases_file: str, cfg_dict: dict, 
     import torch.distributed as dist
     from gan import distributed
     from gan.config import config_from_dict
+    from models.sync_norms import sync_norms
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)
     out: dict = {"norms": {}}
@@ -361,7 +362,7 @@ def _worker(rank: int, world: int, store: str, cases_file: str, cfg_dict: dict, 
         half = 64 // world
         rows = slice(rank * half, (rank + 1) * half)
         for name, case in torch.load(cases_file, weights_only=True).items():
-            m = distributed.sync_norms(_build(case))
+            m = sync_norms(_build(case))
             assert type(m[0]).__name__ == ("SyncBatchNorm2d" if case["kind"] == "bn" else "MixtureNorm2d")
             assert case["kind"] == "bn" or m[0].sync
             out["norms"][name] = _run_case(m, case, rows)

@@ -9,14 +9,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.mixture_norm import (
-    GMM,
-    MixtureNorm1d,
-    MixtureNorm2d,
-    fit_gmm,
-    gmm_posteriors,
-    mixture_normalize,
-)
+from models.gmm import GMM, fit_gmm, gmm_posteriors
+from models.mixture_norm import MixtureNorm1d, MixtureNorm2d
+from models.mixture_transform import mixture_normalize
 
 
 @pytest.fixture(autouse=True)

@@ -1,4 +1,5 @@
-"""The MN variants of issue 15 (models/mixture_variants.py): posteriors=per_channel and fit=fresh.
+"""The MN variants of issue 15 (models/gmm_per_channel.py and the rest of MN): posteriors=per_channel and
+fit=fresh.
 
 Identities are tested in float64, where the two sides differ only by the rounding of sums taken in
 another order: relative 1e-16 per operation, a few hundred operations over inputs of size ~10, so
@@ -12,8 +13,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import mixture_variants as mv
-from models.mixture_norm import GMM, MixtureNorm1d, MixtureNorm2d
+from models.gmm import GMM, align, mixture_mean
+from models.mixture_norm import MixtureNorm1d, MixtureNorm2d
+from models.mixture_transform import normalize_math_per_channel
 
 # (posteriors, fit) of the new variants; ("joint", "warm") is the default, tested in test_mixture_norm.py.
 VARIANTS = [("per_channel", "warm"), ("joint", "fresh"), ("per_channel", "fresh")]
@@ -123,9 +125,9 @@ def test_per_channel_backward_is_the_exact_gradient_at_fixed_posteriors(fmt):
     # Autograd through normalize_math with the posteriors m used, as constants.
     tau = info["tau"].movedim(1, 0).flatten(3)  # (K, N, C, L)
     x3 = x2.flatten(2)
-    shift = mv.mixture_mean(GMM(m.gmm_lambda, m.gmm_mu, m.gmm_sigma2))  # any constant does
-    y2 = mv.normalize_math(x3, (x3 - shift[:, None]) ** 2, shift, tau, info["scale"], m_auto.weight,
-                           m_auto.bias, m.eps, lambda t: t)[0]
+    shift = mixture_mean(GMM(m.gmm_lambda, m.gmm_mu, m.gmm_sigma2))  # any constant does
+    y2 = normalize_math_per_channel(x3, (x3 - shift[:, None]) ** 2, shift, tau, info["scale"], m_auto.weight,
+                                    m_auto.bias, m.eps, lambda t: t)[0]
     (y2.reshape(y1.shape) * g).sum().backward()
     torch.testing.assert_close(y1, y2.reshape(y1.shape), **TOL64)
     torch.testing.assert_close(x1.grad, x2.grad, **TOL64)
@@ -232,14 +234,14 @@ def test_align_relabels_to_the_previous_components():
                torch.ones(3, 2))
     perm = torch.tensor([2, 0, 1])
     new = GMM(prev.lam[perm], prev.mu[perm] + 0.1, prev.sigma2[perm] * 1.5)
-    out = mv.align(new, prev)
+    out = align(new, prev)
     torch.testing.assert_close(out.mu, prev.mu + 0.1)
     torch.testing.assert_close(out.lam, prev.lam)
     # Per channel: each channel's components relabelled on their own.
     prev_pc = GMM(torch.full((3, 2), 1 / 3), torch.tensor([[0.0, 7.0], [4.0, -7.0], [8.0, 0.0]]), torch.ones(3, 2))
     perms = torch.tensor([[1, 2], [2, 0], [0, 1]])  # component perms[k, c] of prev is new component k
     new_pc = GMM(prev_pc.lam.gather(0, perms), prev_pc.mu.gather(0, perms) - 0.2, prev_pc.sigma2.gather(0, perms))
-    torch.testing.assert_close(mv.align(new_pc, prev_pc).mu, prev_pc.mu - 0.2)
+    torch.testing.assert_close(align(new_pc, prev_pc).mu, prev_pc.mu - 0.2)
 
 
 # --------------------------------------------------------------------------------------
