@@ -113,8 +113,8 @@ def cuda_tests(check: Check, env: dict) -> dict:
 
 def fid_timing(device: str, test_data: str, weights: str | None, sizes: list[int], download: bool) -> dict:
     import torch
-    from gan.config import load_config
-    from gan.sampling import evaluator_from_config, generate, to_uint8
+    from gan.core.config import load_config
+    from gan.eval.sampling import evaluator_from_config, generate, to_uint8
     from models.dcgan import build_models
     cfg = load_config(ROOT / "configs" / "study-gpu.yaml",
                       {"eval.reference": test_data, "metrics.inception_weights": weights,
@@ -164,7 +164,7 @@ def probe(check: Check, env: dict, outdir: Path, data: str, test_data: str, weig
     code, out = check.run(argv, env=env)
     wall = time.monotonic() - t0
     # With no evaluations there is nothing to compare: the study says so and exits 1 after the runs stopped.
-    from gan.compare import read_metrics
+    from gan.tools.compare import read_metrics
     result: dict = {"jobs": jobs, "budget_minutes": minutes, "wall_seconds": round(wall, 1), "study_exit": code}
     for norm in ("bn", "mn"):
         sps, steps = [], []

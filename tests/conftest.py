@@ -104,7 +104,7 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> dict:
 @pytest.fixture
 def tiny_config(image_zip, tmp_path):
     """`tiny_config(**overrides)` -> a validated Config for a seconds-long CPU run in tmp_path/run."""
-    from gan.config import load_config
+    from gan.core.config import load_config
 
     def make(**extra):
         run_dir = extra.pop("run_dir", tmp_path / "run")

@@ -13,9 +13,9 @@ import yaml
 from click.testing import CliRunner
 
 from cli import cli
-from gan.config import ConfigError, config_from_dict, load_config, parse_assignment
-from gan.data import BatchStream, DataError, load_dataset
-from gan.train import Trainer
+from gan.core.config import ConfigError, config_from_dict, load_config, parse_assignment
+from gan.core.data import BatchStream, DataError, load_dataset
+from gan.core.train import Trainer
 from models.dcgan import Discriminator, Generator
 from tests.conftest import make_images
 
@@ -72,9 +72,9 @@ def test_bad_config_via_cli_is_one_line(tmp_path):
 
 
 def test_each_key_s_roles_live_on_its_field():
-    """What resume, compare and study treat specially comes from the fields' metadata (gan/config.py)."""
-    from gan import compare, study
-    from gan.config import _RULES, KEY_ROLES, RESUMABLE_CHANGES, Config, flatten, key
+    """What resume, compare and study treat specially comes from the fields' metadata (gan/core/config.py)."""
+    from gan.tools import compare, study
+    from gan.core.config import _RULES, KEY_ROLES, RESUMABLE_CHANGES, Config, flatten, key
     assert list(KEY_ROLES) == list(flatten(Config().to_dict()))
     # A resume may change the length, logging, device and paths; never the maths.
     assert {"train.steps", "train.device", "log.every", "ckpt.keep", "eval.every", "data.path"} <= set(RESUMABLE_CHANGES)
@@ -128,7 +128,7 @@ def test_dataset_identity_follows_content_not_location(image_folder, image_zip, 
     """The reference-statistics cache is keyed by it: a copied or re-mounted dataset must still hit."""
     import os
     import shutil
-    from gan.data import dataset_identity
+    from gan.core.data import dataset_identity
     zip_copy = shutil.copy(image_zip, tmp_path / image_zip.name)
     os.utime(zip_copy, (1, 1))
     assert dataset_identity("folder", zip_copy) == dataset_identity("folder", image_zip)
@@ -149,7 +149,7 @@ def test_dataset_identity_follows_content_not_location(image_folder, image_zip, 
 
 def test_reference_key_is_the_same_from_training_and_from_evaluate(tiny_config):
     """The trainer reuses its loaded images' identity; evaluate computes it from the config: one cache entry."""
-    from gan.sampling import build_reference
+    from gan.eval.sampling import build_reference
     cfg = tiny_config(**{"eval.reference": "train"})
     data = load_dataset(cfg.data.source, cfg.data.path, cfg.data.split, resize=cfg.data.resize, progress=False)
     _, from_training = build_reference(cfg, lambda: data)
@@ -266,7 +266,7 @@ def test_resume_auto_and_no_duplicate_steps(tiny_config):
 def test_existing_run_is_not_overwritten_silently(tiny_config):
     cfg = tiny_config(**{"train.steps": 10})
     Trainer(cfg, progress=False).run()
-    from gan.errors import UserError
+    from gan.core.errors import UserError
     with pytest.raises(UserError, match="already holds a run; pass --resume auto"):
         Trainer(cfg, progress=False)
     assert Trainer(cfg, overwrite=True, progress=False).step == 0

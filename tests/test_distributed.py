@@ -38,9 +38,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from gan.checkpoint import list_checkpoints, load_checkpoint
-from gan.config import load_config
-from gan.train import Trainer
+from gan.core.checkpoint import list_checkpoints, load_checkpoint
+from gan.core.config import load_config
+from gan.core.train import Trainer
 from tests.cli_float64 import float64_mode
 from tests.conftest import ROOT, tiny_overrides
 
@@ -352,8 +352,8 @@ class _PixelEvaluator:
 
 def _worker(rank: int, world: int, store: str, cases_file: str, cfg_dict: dict, out_dir: str) -> None:
     import torch.distributed as dist
-    from gan import distributed
-    from gan.config import config_from_dict
+    from gan.core import distributed
+    from gan.core.config import config_from_dict
     from models.sync_norms import sync_norms
     torch.set_num_threads(1)
     dist.init_process_group("gloo", store=dist.FileStore(store, world), rank=rank, world_size=world)

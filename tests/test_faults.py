@@ -28,10 +28,10 @@ import torch
 from click.testing import CliRunner
 
 from cli import cli
-from gan import checkpoint as ckpt
-from gan.checkpoint import CheckpointError, load_checkpoint
-from gan.config import ConfigError, load_config
-from gan.train import Diverged, Interrupted, Trainer
+from gan.core import checkpoint as ckpt
+from gan.core.checkpoint import CheckpointError, load_checkpoint
+from gan.core.config import ConfigError, load_config
+from gan.core.train import Diverged, Interrupted, Trainer
 from tests.conftest import ROOT, tiny_overrides, write_image_folder
 
 fault = pytest.mark.fault
@@ -441,15 +441,15 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(image_zip, tmp_pat
 
 @fault
 def test_disk_full_while_writing_samples_is_one_line_and_checkpoints_stay(image_zip, tmp_path, monkeypatch):
-    import gan.tracking
+    import gan.core.tracking
     run = tmp_path / "run"
-    real = gan.tracking.save_image
+    real = gan.core.tracking.save_image
 
     def disk_fills_up(tensor, path, *args, **kwargs):
         if "step_0000020" in str(path):
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
         return real(tensor, path, *args, **kwargs)
-    monkeypatch.setattr(gan.tracking, "save_image", disk_fills_up)
+    monkeypatch.setattr(gan.core.tracking, "save_image", disk_fills_up)
     result = CliRunner().invoke(cli, _train_args(image_zip, run))
     assert result.exit_code == 1, result.output
     assert _lines(result.output) == [f"error: cannot write {run / 'samples' / 'step_0000020.png'}: "

@@ -365,7 +365,7 @@ def test_state_dict_roundtrip_and_old_checkpoints(tmp_path):
     shapes = {k: tuple(v.shape) for k, v in MixtureNorm2d(6).state_dict().items()}
     assert shapes["gmm_lambda"] == shapes["running_lambda"] == shapes["dead_count"] == (3,)
     # ... and a config written before the variants existed reads as the defaults.
-    from gan.config import config_from_dict, load_config
+    from gan.core.config import config_from_dict, load_config
     old = load_config(None, {}).to_dict()
     del old["model"]["mn"]["posteriors"], old["model"]["mn"]["fit"]
     cfg = config_from_dict(old)
@@ -373,7 +373,7 @@ def test_state_dict_roundtrip_and_old_checkpoints(tmp_path):
 
 
 def test_config_builds_the_variants_and_refuses_unknown_ones():
-    from gan.config import ConfigError, load_config
+    from gan.core.config import ConfigError, load_config
     from models.dcgan import build_models
     cfg = load_config(None, {"model.norm": "mn", "model.ngf": 4, "model.ndf": 4,
                              "model.mn.posteriors": "per_channel", "model.mn.fit": "fresh"})
@@ -390,7 +390,7 @@ def test_config_builds_the_variants_and_refuses_unknown_ones():
 def test_training_run_with_the_variants_resumes_exactly(tiny_config, tmp_path):
     """The real Trainer with per-channel posteriors and fresh fits: finite, checkpointed with the (K, C)
     state, and a resumed run retraces the same steps (k-means++ draws included) bit for bit."""
-    from gan.train import Trainer
+    from gan.core.train import Trainer
     variant = {"model.norm": "mn", "model.mn.posteriors": "per_channel", "model.mn.fit": "fresh",
                "model.mn.em_steps": 2, "train.steps": 6, "ckpt.every": 3, "log.every": 3, "log.sample_every": 0}
     full = tiny_config(**variant)

@@ -13,10 +13,10 @@ import yaml
 from click.testing import CliRunner
 
 from cli import cli
-from gan import study as study_mod
-from gan.checkpoint import list_checkpoints
-from gan.compare import compare_runs, read_metrics
-from gan.config import load_config
+from gan.tools import study as study_mod
+from gan.core.checkpoint import list_checkpoints
+from gan.tools.compare import compare_runs, read_metrics
+from gan.core.config import load_config
 from tests.conftest import tiny_overrides
 from tests.test_compare import make_run
 

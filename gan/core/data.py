@@ -20,7 +20,7 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-from gan.errors import UserError
+from gan.core.errors import UserError
 
 IMAGE_SIZE = 32
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")

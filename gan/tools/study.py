@@ -39,14 +39,14 @@ from typing import Callable
 
 import yaml
 
-from gan.config import (KEY_ROLES, Config, RESUMABLE_CHANGES, config_diff, config_from_dict, load_config,
+from gan.core.config import (KEY_ROLES, Config, RESUMABLE_CHANGES, config_diff, config_from_dict, load_config,
                         parse_assignment)
-from gan.errors import UserError
+from gan.core.errors import UserError
 
-CLI = Path(__file__).resolve().parents[1] / "cli.py"
+CLI = Path(__file__).resolve().parents[2] / "cli.py"
 KEYS = ("base", "out", "seeds", "set", "budget_minutes", "variants")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
-# Config keys the study sets itself (their `study` role in gan/config.py says why a file may not).
+# Config keys the study sets itself (their `study` role in gan/core/config.py says why a file may not).
 STUDY_OWNED = {k: roles["study"] for k, roles in KEY_ROLES.items() if roles["study"]}
 
 
@@ -187,14 +187,14 @@ def load_study(path: str | Path, sets: dict | None = None) -> Study:
 # ---------------------------------------------------------------- where each run stands
 
 def _last_logged_step(run_dir: Path) -> int:
-    from gan.compare import read_metrics
+    from gan.tools.compare import read_metrics
     records = read_metrics(run_dir / "metrics.jsonl")
     return records[-1]["step"] if records else 0
 
 
 def run_state(run: PlannedRun) -> tuple[str, str]:
     """("new" | "resume" | "finished" | "conflict", words for the user)."""
-    from gan import checkpoint as ckpt
+    from gan.core import checkpoint as ckpt
     saved_file = run.run_dir / "config.yaml"
     if not saved_file.is_file():
         return "new", "new"
@@ -254,8 +254,8 @@ def prepare_references(runs: list[PlannedRun], echo: Callable[[str], None]) -> N
     Concurrent runs would otherwise each decode the reference images and run Inception over them at
     their first evaluation, all at once; each run then just loads the cache file."""
     import torch
-    from gan.sampling import evaluator_from_config
-    from gan.device import resolve_device
+    from gan.eval.sampling import evaluator_from_config
+    from gan.core.device import resolve_device
     done = set()
     for r in runs:
         cfg = r.config
@@ -324,7 +324,7 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
         raise StudyInterrupted(f"study stopped; run the same command again to continue "
                                f"(finished runs are skipped, stopped ones resume from their checkpoint)")
 
-    from gan.compare import CompareError, compare_runs
+    from gan.tools.compare import CompareError, compare_runs
     dirs = [r.run_dir for r in study.runs if (r.run_dir / "config.yaml").is_file()]
     result = None
     if dirs:

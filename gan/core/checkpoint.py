@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from gan.errors import UserError
+from gan.core.errors import UserError
 
 FORMAT_VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")

@@ -7,9 +7,9 @@ from typing import Callable
 
 import torch
 
-from gan.config import Config
-from gan.data import IMAGE_SIZE, ImageData, dataset_identity, load_dataset
-from gan.errors import UserError
+from gan.core.config import Config
+from gan.core.data import IMAGE_SIZE, ImageData, dataset_identity, load_dataset
+from gan.core.errors import UserError
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ def evaluator_from_config(cfg: Config, device: torch.device, train_data: Callabl
     """The Evaluator a run's config describes: its Inception weights, reference images and metric settings.
 
     weights: already resolved InceptionWeights (under torchrun rank 0 resolves them first); else resolved here."""
-    from gan.metrics import Evaluator, resolve_inception_weights
+    from gan.eval.metrics import Evaluator, resolve_inception_weights
     m = cfg.metrics
     if weights is None:
         weights = resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from gan.config import load_config
-from gan.data import ImageData
+from gan.core.config import load_config
+from gan.core.data import ImageData
 
 
 @dataclass
@@ -70,7 +70,7 @@ def synthetic_data(n: int = 4096, seed: int = 0) -> ImageData:
 
 def make_trainer(device: str, norm: str, data: ImageData, run_dir: Path, **overrides):
     """Our real Trainer, on in-memory data, with logging off: what a training run executes per step."""
-    from gan.train import Trainer
+    from gan.core.train import Trainer
     o = {"run_dir": str(run_dir), "model.norm": norm, "train.device": device, "eval.every": 0,
          "log.sample_every": 0, "ckpt.every": 0, "log.wandb": "disabled", "data.source": "folder",
          "data.path": "in-memory", **overrides}
@@ -200,9 +200,9 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
 
 def bench_eval(device: torch.device, num_images: int, repeats: int, weights_path: str | None = None) -> list[Row]:
     import torch_fidelity
-    from gan.inception import weights_for_torch_fidelity
-    from gan.metrics import Evaluator, resolve_inception_weights
-    from gan.sampling import generate, to_uint8
+    from gan.eval.inception import weights_for_torch_fidelity
+    from gan.eval.metrics import Evaluator, resolve_inception_weights
+    from gan.eval.sampling import generate, to_uint8
     from models.dcgan import Generator, dcgan_init
 
     weights = resolve_inception_weights(weights_path, None)

@@ -28,8 +28,8 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from tqdm.auto import tqdm
 
-from gan.checkpoint import atomic_save
-from gan.inception import (InceptionExtractor, InceptionWeights, default_cache_dir,
+from gan.core.checkpoint import atomic_save
+from gan.eval.inception import (InceptionExtractor, InceptionWeights, default_cache_dir,
                            resolve_inception_weights)
 
 __all__ = ["InceptionWeights", "resolve_inception_weights", "Evaluator", "IS_UNAVAILABLE_MESSAGE"]

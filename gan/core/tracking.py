@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from gan.checkpoint import atomic_write_text
+from gan.core.checkpoint import atomic_write_text
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 

@@ -20,8 +20,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gan.config import flatten
-from gan.errors import UserError
+from gan.core.config import flatten
+from gan.core.errors import UserError
 
 _control_group = None  # gloo group for host-side messages (the default group when it is gloo already)
 

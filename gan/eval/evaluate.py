@@ -5,9 +5,9 @@ from pathlib import Path
 
 import torch
 
-from gan.checkpoint import CheckpointError, load_checkpoint
-from gan.config import Config, config_from_dict
-from gan.errors import UserError
+from gan.core.checkpoint import CheckpointError, load_checkpoint
+from gan.core.config import Config, config_from_dict
+from gan.core.errors import UserError
 from models.dcgan import build_models
 
 
@@ -33,9 +33,9 @@ def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.
 
 def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: str, reference: str | None,
                         grid: str | None, g_mode: str | None = None, progress: bool = True) -> dict:
-    from gan.tracking import image_grid
-    from gan.sampling import evaluator_from_config, generate, to_uint8
-    from gan.device import resolve_device
+    from gan.core.tracking import image_grid
+    from gan.eval.sampling import evaluator_from_config, generate, to_uint8
+    from gan.core.device import resolve_device
     from torchvision.utils import save_image
 
     device = resolve_device(device_name)

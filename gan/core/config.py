@@ -14,7 +14,7 @@ from typing import Literal, Optional
 
 import yaml
 
-from gan.errors import UserError
+from gan.core.errors import UserError
 
 
 class ConfigError(UserError):
@@ -132,7 +132,7 @@ class TrainConfig:
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
     channels_last: bool = True
     # torch.compile G and D. compile_mode auto: "reduce-overhead" (CUDA graphs) on CUDA, torch's default
-    # on the CPU (gan/device.py says why).
+    # on the CPU (gan/core/device.py says why).
     compile: bool = key(False, resumable=True, groups=False)
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = key("auto", resumable=True, groups=False)

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gan import checkpoint as ckpt
-from gan import device as accel
-from gan import distributed
-from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict, flatten
-from gan.data import BatchStream, ImageData, load_dataset
-from gan.errors import UserError
-from gan.sampling import evaluator_from_config, generate, to_uint8
-from gan.tracking import RunLogger
+from gan.core import checkpoint as ckpt
+from gan.core import device as accel
+from gan.core import distributed
+from gan.core.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict, flatten
+from gan.core.data import BatchStream, ImageData, load_dataset
+from gan.core.errors import UserError
+from gan.eval.sampling import evaluator_from_config, generate, to_uint8
+from gan.core.tracking import RunLogger
 from models.dcgan import build_models
 from models.sync_norms import local_norms, sync_norms
 
@@ -44,9 +44,9 @@ class Interrupted(UserError):
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False,
                  wandb_mode: str | None = None, progress: bool = True, data: ImageData | None = None):
-        from gan.tracking import NullLogger, resolve_wandb_mode
+        from gan.core.tracking import NullLogger, resolve_wandb_mode
         self.cfg = cfg
-        # Under torchrun (gan/distributed.py): this process's rank of `world`; rank 0 alone writes files.
+        # Under torchrun (gan/core/distributed.py): this process's rank of `world`; rank 0 alone writes files.
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
@@ -319,7 +319,7 @@ class Trainer:
 
     def _evaluator(self):
         if self.evaluator is None:
-            from gan.metrics import resolve_inception_weights
+            from gan.eval.metrics import resolve_inception_weights
             m = self.cfg.metrics
 
             def resolve():

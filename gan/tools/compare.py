@@ -20,12 +20,12 @@ from typing import Callable, Optional
 
 import yaml
 
-from gan.config import Config, config_from_dict, flatten, keys_where
-from gan.errors import UserError
+from gan.core.config import Config, config_from_dict, flatten, keys_where
+from gan.core.errors import UserError
 
 METRICS = {"fid": "fid", "kid": "kid_mean"}
 
-# Each key's role here is on its config field (gan/config.py): keys that never separate groups (the seed,
+# Each key's role here is on its config field (gan/core/config.py): keys that never separate groups (the seed,
 # the folder, settings that leave the maths alone; train.steps too, so that runs of different lengths still
 # group together), keys that must agree for numbers to be comparable at all (else refuse unless --force),
 # and keys only meaningful when model.norm is mn.
