@@ -170,6 +170,7 @@ def diagnose(checkpoint, out_dir, num_samples, channels, device):
     same EM code), and the histogram after normalization. Prints skewness, excess kurtosis and
     mixture weights per layer. CHECKPOINT is a checkpoint file or a run folder.
     """
+    from gan.core.run_folder import RunFolder
     from gan.tools.diagnose import diagnose as run_diagnose, format_report
     from gan.eval.evaluate import load_generator
     from gan.core.device import resolve_device
@@ -177,9 +178,7 @@ def diagnose(checkpoint, out_dir, num_samples, channels, device):
         raise click.BadParameter("--num-samples must be >= 2 and --channels >= 1")
     dev = resolve_device(device)
     G, cfg, state = load_generator(checkpoint, dev)
-    path = Path(checkpoint)
-    run_dir = path if path.is_dir() else path.parent.parent
-    out = Path(out_dir) if out_dir else run_dir / "diagnose"
+    out = Path(out_dir) if out_dir else RunFolder.holding(checkpoint).path / "diagnose"
     out.mkdir(parents=True, exist_ok=True)
     rows = run_diagnose(G, cfg.model.z_dim, out, dev, num_samples=num_samples, channels=channels,
                         num_components=cfg.model.mn.num_components)

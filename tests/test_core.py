@@ -149,7 +149,7 @@ def test_dataset_identity_follows_content_not_location(image_folder, image_zip, 
 
 def test_reference_key_is_the_same_from_training_and_from_evaluate(tiny_config):
     """The trainer reuses its loaded images' identity; evaluate computes it from the config: one cache entry."""
-    from gan.eval.sampling import build_reference
+    from gan.eval.reference import build_reference
     cfg = tiny_config(**{"eval.reference": "train"})
     data = load_dataset(cfg.data.source, cfg.data.path, cfg.data.split, resize=cfg.data.resize, progress=False)
     _, from_training = build_reference(cfg, lambda: data)

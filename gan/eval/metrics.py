@@ -99,6 +99,25 @@ class Evaluator:
         if not self.has_head:
             _report_is_unavailable()
 
+    @classmethod
+    def from_config(cls, cfg, device: torch.device, train_data=None, progress: bool = True) -> "Evaluator":
+        """The Evaluator a run's config describes: its Inception weights (metrics.*), reference images
+        (eval.reference, eval.reference_samples) and metric settings. `train_data`: a callable returning
+        the training ImageData already in memory, used when the reference is the training set."""
+        from gan.core import distributed
+        from gan.eval.reference import build_reference
+        m = cfg.metrics
+
+        def resolve():
+            return resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
+        # Under torchrun rank 0 first: it may convert or download the weights into the cache the others then read.
+        weights = distributed.on_main(resolve)
+        if not distributed.is_main():
+            weights = resolve()
+        load, ident = build_reference(cfg, train_data, progress)
+        return cls(weights, device, load, ident, cache_dir=m.cache_dir, batch_size=cfg.eval.batch_size,
+                   kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress)
+
     @property
     def model(self) -> InceptionExtractor:
         """The Inception network, loaded on first use: a cached reference and no images to score need none."""
