@@ -201,6 +201,44 @@ def fake_wandb(monkeypatch, fail_log: bool = False) -> list:
 _FAULT_TALLY = {"fault": [0, 0], "bad_input": [0, 0]}
 
 
+def assert_k1_is_batchnorm(mn, bn, shape, fmt, tol: dict) -> None:
+    """MN with K = 1 against BatchNorm with the same affine parameters, both float64: four training steps
+    (outputs, input and affine gradients), then running statistics and one eval-mode step."""
+    for _ in range(4):
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
+        xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
+        yb, ym = bn(xb), mn(xm)
+        (yb * g).sum().backward()
+        (ym * g).sum().backward()
+        torch.testing.assert_close(ym, yb, **tol)
+        torch.testing.assert_close(xm.grad, xb.grad, **tol)
+        torch.testing.assert_close(mn.weight.grad, bn.weight.grad, **tol)
+        torch.testing.assert_close(mn.bias.grad, bn.bias.grad, **tol)
+    torch.testing.assert_close(mn.running_E[0], bn.running_mean, **tol)
+    torch.testing.assert_close(mn.running_V[0], bn.running_var, **tol)
+    assert int(mn.num_batches_tracked) == int(bn.num_batches_tracked) == 4
+
+    bn.eval(), mn.eval()
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
+    xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yb, ym = bn(xb), mn(xm)
+    yb.sum().backward(), ym.sum().backward()
+    torch.testing.assert_close(ym, yb, **tol)
+    torch.testing.assert_close(xm.grad, xb.grad, **tol)
+
+
+def assert_trains_finite(m, x, steps: int = 5) -> None:
+    """`steps` training forwards and backwards of the MN layer m on x: outputs, gradients and the mixture's
+    variances stay finite (variances positive)."""
+    for _ in range(steps):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
+    assert torch.isfinite(m.gmm_sigma2).all() and (m.gmm_sigma2 > 0).all()
+
+
 def pytest_configure(config):
     config.addinivalue_line("markers", "fault: a fault a run must survive (tallied in the summary line)")
     config.addinivalue_line("markers", "bad_input: an input the CLI must reject (tallied in the summary line)")

@@ -12,6 +12,7 @@ import torch.nn as nn
 from models.gmm import GMM, fit_gmm, gmm_posteriors
 from models.mixture_norm import MixtureNorm1d, MixtureNorm2d
 from models.mixture_transform import mixture_normalize
+from tests.conftest import assert_k1_is_batchnorm, assert_trains_finite
 
 
 pytestmark = pytest.mark.usefixtures("torch_seed0")
@@ -59,29 +60,7 @@ def test_k1_equals_batchnorm(mn_cls, bn_cls, shape, fmt):
     with torch.no_grad():  # non-trivial affine, identical in both
         w, b = torch.rand(c) + 0.5, torch.randn(c)
         bn.weight.copy_(w), mn.weight.copy_(w), bn.bias.copy_(b), mn.bias.copy_(b)
-    tol = F64_TOL
-    for _ in range(4):
-        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
-        xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
-        g = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
-        yb, ym = bn(xb), mn(xm)
-        (yb * g).sum().backward()
-        (ym * g).sum().backward()
-        torch.testing.assert_close(ym, yb, **tol)
-        torch.testing.assert_close(xm.grad, xb.grad, **tol)
-        torch.testing.assert_close(mn.weight.grad, bn.weight.grad, **tol)
-        torch.testing.assert_close(mn.bias.grad, bn.bias.grad, **tol)
-    torch.testing.assert_close(mn.running_E[0], bn.running_mean, **tol)
-    torch.testing.assert_close(mn.running_V[0], bn.running_var, **tol)
-    assert int(mn.num_batches_tracked) == int(bn.num_batches_tracked) == 4
-
-    bn.eval(), mn.eval()
-    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
-    xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yb, ym = bn(xb), mn(xm)
-    yb.sum().backward(), ym.sum().backward()
-    torch.testing.assert_close(ym, yb, **tol)
-    torch.testing.assert_close(xm.grad, xb.grad, **tol)
+    assert_k1_is_batchnorm(mn, bn, shape, fmt, F64_TOL)
 
 
 # --------------------------------------------------------------------------------------
@@ -171,12 +150,7 @@ def test_collapsed_component_is_finite_and_reseeded(em_samples):
     x = torch.randn(8, c, 4, 4)
     x[:4] = 0.7
     m = MixtureNorm2d(c, em_samples=em_samples)
-    for _ in range(5):
-        xi = x.clone().requires_grad_()
-        y = m(xi)
-        y.square().sum().backward()
-        assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
-    assert torch.isfinite(m.gmm_sigma2).all() and (m.gmm_sigma2 > 0).all()
+    assert_trains_finite(m, x)
     m.eval()
     assert torch.isfinite(m(x)).all()
 

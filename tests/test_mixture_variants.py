@@ -16,6 +16,7 @@ import torch.nn as nn
 from models.gmm import GMM, align, mixture_mean
 from models.mixture_norm import MixtureNorm1d, MixtureNorm2d
 from models.mixture_transform import normalize_math_per_channel
+from tests.conftest import assert_k1_is_batchnorm, assert_trains_finite
 
 # (posteriors, fit) of the new variants; ("joint", "warm") is the default, tested in test_mixture_norm.py.
 VARIANTS = [("per_channel", "warm"), ("joint", "fresh"), ("per_channel", "fresh")]
@@ -48,28 +49,7 @@ def test_k1_equals_batchnorm_float64(posteriors, fit, mn_cls, bn_cls, shape, fmt
     with torch.no_grad():
         w, b = torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)
         bn.weight.copy_(w), mn.weight.copy_(w), bn.bias.copy_(b), mn.bias.copy_(b)
-    for _ in range(4):
-        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
-        xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
-        g = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
-        yb, ym = bn(xb), mn(xm)
-        (yb * g).sum().backward()
-        (ym * g).sum().backward()
-        torch.testing.assert_close(ym, yb, **TOL64)
-        torch.testing.assert_close(xm.grad, xb.grad, **TOL64)
-        torch.testing.assert_close(mn.weight.grad, bn.weight.grad, **TOL64)
-        torch.testing.assert_close(mn.bias.grad, bn.bias.grad, **TOL64)
-    torch.testing.assert_close(mn.running_E[0], bn.running_mean, **TOL64)
-    torch.testing.assert_close(mn.running_V[0], bn.running_var, **TOL64)
-    assert int(mn.num_batches_tracked) == int(bn.num_batches_tracked) == 4
-
-    bn.eval(), mn.eval()
-    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
-    xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yb, ym = bn(xb), mn(xm)
-    yb.sum().backward(), ym.sum().backward()
-    torch.testing.assert_close(ym, yb, **TOL64)
-    torch.testing.assert_close(xm.grad, xb.grad, **TOL64)
+    assert_k1_is_batchnorm(mn, bn, shape, fmt, TOL64)
 
 
 # --------------------------------------------------------------------------------------
@@ -310,9 +290,4 @@ def test_collapsed_component_stays_finite(posteriors, fit):
     x = torch.randn(8, c, 4, 4)
     x[:4] = 0.7
     m = _mn(c, posteriors, fit)
-    for _ in range(5):
-        xi = x.clone().requires_grad_()
-        y = m(xi)
-        y.square().sum().backward()
-        assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
-    assert torch.isfinite(m.gmm_sigma2).all() and (m.gmm_sigma2 > 0).all()
+    assert_trains_finite(m, x)
