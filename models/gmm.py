@@ -189,6 +189,15 @@ def _kmeans_pp(xs: Tensor, k: int, var: Tensor) -> Tensor:
     return xs[torch.cat(idx)]
 
 
+def channel_variance(Xc: Tensor, X2c: Tensor, reduce: Reduce = identity) -> Tensor:
+    """Each channel's variance over the (centered) samples of Xc (B, C, L), X2c = Xc², summed over ranks."""
+    c = Xc.shape[1]
+    count = Xc.new_full((1,), float(Xc.shape[0] * Xc.shape[2]))
+    stats = reduce(torch.cat([count, Xc.sum((0, 2)), X2c.sum((0, 2))]))
+    mean = stats[1 : c + 1] / stats[0]
+    return (stats[c + 1 :] / stats[0] - mean * mean).clamp_min(0.0)
+
+
 def init_gmm(
     Xc: Tensor,
     X2c: Tensor,
@@ -201,10 +210,7 @@ def init_gmm(
 ) -> GMM:
     """k-means++ seeding on the (centered) samples of Xc (B, C, L), then `iters` EM iterations."""
     c = Xc.shape[1]
-    count = Xc.new_full((1,), float(Xc.shape[0] * Xc.shape[2]))
-    stats = reduce(torch.cat([count, Xc.sum((0, 2)), X2c.sum((0, 2))]))
-    mean = stats[1 : c + 1] / stats[0]
-    var = (stats[c + 1 :] / stats[0] - mean * mean).clamp_min(0.0)
+    var = channel_variance(Xc, X2c, reduce)
     seeds = _kmeans_pp(Xc.transpose(1, 2).reshape(-1, c), k, var + eps)
     gmm = GMM(
         Xc.new_full((k,), 1.0 / k),

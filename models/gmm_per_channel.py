@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.gmm import GMM, LAMBDA_LOG_FLOOR, LOG_2PI, TAU_MIN, TINY, identity
+from models.gmm import GMM, LAMBDA_LOG_FLOOR, LOG_2PI, TAU_MIN, TINY, channel_variance, identity
 
 
 def _b(t: Tensor) -> Tensor:
@@ -171,10 +171,7 @@ def init_gmm(Xc: Tensor, X2c: Tensor, k: int, iters: int, var_floor: float, eps:
     reduce = reduce or identity
     first_rank_only = first_rank_only or identity
     c = Xc.shape[1]
-    count = Xc.new_full((1,), float(Xc.shape[0] * Xc.shape[2]))
-    stats = reduce(torch.cat([count, Xc.sum((0, 2)), X2c.sum((0, 2))]))
-    mean = stats[1 : c + 1] / stats[0]
-    var = (stats[c + 1 :] / stats[0] - mean * mean).clamp_min(0.0)
+    var = channel_variance(Xc, X2c, reduce)
     seeds = _kmeans_pp(Xc.transpose(1, 2).reshape(-1, c), k, var + eps)
     gmm = GMM(Xc.new_full((k, c), 1.0 / k), first_rank_only(seeds),
               torch.maximum(var, var_floor * (var + eps)).expand(k, c).clone())

@@ -17,7 +17,6 @@ from gan.core.config import ConfigError, config_from_dict, load_config, parse_as
 from gan.core.data import BatchStream, DataError, load_dataset
 from gan.core.train import Trainer
 from models.dcgan import Discriminator, Generator
-from tests.conftest import make_images
 
 
 # ---------------------------------------------------------------- models

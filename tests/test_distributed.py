@@ -117,7 +117,7 @@ def _metrics(run: Path) -> list[dict]:
 def bn_runs(image_zip, tmp_path_factory):
     """One process, 6 steps; 2 processes: 3 steps (one checkpoint), then --resume auto to 6."""
     root = tmp_path_factory.mktemp("bn")
-    one = in_process(image_zip, root / "one")
+    in_process(image_zip, root / "one")  # read back from its folder by the tests
     t0 = time.monotonic()
     first = torchrun(image_zip, root / "two", **{"train.steps": 3})
     t1 = time.monotonic()
