@@ -18,7 +18,7 @@ def user_errors(fn):
     """Errors the user can fix become one line on stderr and a non-zero exit; --debug shows the traceback."""
     @functools.wraps(fn)
     def wrapper(*args, debug: bool = False, **kwargs):
-        from gan.errors import UserError
+        from gan.core.errors import UserError
         try:
             return fn(*args, **kwargs)
         except UserError as e:
@@ -57,8 +57,8 @@ def cli():
 
 
 def build_config(config_path, norm, steps, batch_size, seed, out, device, data, sets):
-    from gan.config import load_config, parse_assignment
-    from gan.data import cifar_root, guess_source
+    from gan.core.config import load_config, parse_assignment
+    from gan.core.data import cifar_root, guess_source
     overrides: dict = {}
     for text in sets:
         key, value = parse_assignment(text)
@@ -115,9 +115,9 @@ def train(config_path, norm, steps, batch_size, seed, out, device, data, sets, r
     Several GPUs or machines: start it with torchrun (`torchrun --nproc_per_node N cli.py train ...`);
     train.batch_size is then the global batch, split across the N processes; rank 0 writes the files.
     """
-    from gan import distributed
-    from gan.device import resolve_device
-    from gan.train import Trainer
+    from gan.core import distributed
+    from gan.core.device import resolve_device
+    from gan.core.train import Trainer
     cfg = build_config(config_path, norm, steps, batch_size, seed, out, device, data, sets)
     distributed.setup(resolve_device(cfg.train.device).type, cfg.train.dist_timeout)  # no-op without torchrun
     main = distributed.is_main()
@@ -146,7 +146,7 @@ def evaluate(checkpoint, num_samples, out_file, grid, device, reference, g_mode,
 
     CHECKPOINT is a checkpoint file or a run folder (its newest valid checkpoint).
     """
-    from gan.evaluate import evaluate_checkpoint
+    from gan.eval.evaluate import evaluate_checkpoint
     result = evaluate_checkpoint(checkpoint, num_samples, device, reference, grid, g_mode, progress=not quiet)
     text = json.dumps(result, indent=2)
     click.echo(text)
@@ -170,16 +170,15 @@ def diagnose(checkpoint, out_dir, num_samples, channels, device):
     same EM code), and the histogram after normalization. Prints skewness, excess kurtosis and
     mixture weights per layer. CHECKPOINT is a checkpoint file or a run folder.
     """
-    from gan.diagnose import diagnose as run_diagnose, format_report
-    from gan.evaluate import load_generator
-    from gan.device import resolve_device
+    from gan.core.run_folder import RunFolder
+    from gan.tools.diagnose import diagnose as run_diagnose, format_report
+    from gan.eval.evaluate import load_generator
+    from gan.core.device import resolve_device
     if num_samples < 2 or channels < 1:
         raise click.BadParameter("--num-samples must be >= 2 and --channels >= 1")
     dev = resolve_device(device)
     G, cfg, state = load_generator(checkpoint, dev)
-    path = Path(checkpoint)
-    run_dir = path if path.is_dir() else path.parent.parent
-    out = Path(out_dir) if out_dir else run_dir / "diagnose"
+    out = Path(out_dir) if out_dir else RunFolder.holding(checkpoint).path / "diagnose"
     out.mkdir(parents=True, exist_ok=True)
     rows = run_diagnose(G, cfg.model.z_dim, out, dev, num_samples=num_samples, channels=channels,
                         num_components=cfg.model.mn.num_components)
@@ -208,22 +207,16 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, json_file):
     The last line is the headline ratio.
     """
     import dataclasses
-    from gan.bench import bench_eval, bench_norm, bench_train, format_table
-    from gan.device import resolve_device
+    from gan.tools.bench import BenchOptions, format_table, headline, run_benches
+    from gan.core.device import resolve_device
     dev = resolve_device(device)
     if min(steps, repeats, ngf, eval_images) < 1:
         raise click.BadParameter("--steps, --repeats, --ngf and --eval-images must be positive")
-    rows = []
-    if which in ("train", "all"):
-        rows += bench_train(dev, steps, repeats, ngf)
-    if which in ("norm", "all"):
-        rows += bench_norm(dev, steps, repeats, ngf)
-    if which in ("eval", "all"):
-        rows += bench_eval(dev, eval_images, repeats=max(1, repeats // 2), weights_path=weights)
+    rows = run_benches(which, dev, BenchOptions(steps, repeats, ngf, eval_images, weights))
     click.echo(format_table(rows, dev))
     if json_file:
         Path(json_file).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")
-    click.echo("headline: " + "; ".join(f"{r.ratio_name} {r.ratio:.2f}x" for r in rows if r.unit != "MiB"))
+    click.echo(headline(rows))
 
 
 @cli.command()
@@ -256,7 +249,7 @@ def compare(run_dirs, out, metric, target, baseline, force, common_steps):
     Runs with no evaluations yet are skipped with a warning; runs with different data.source/path/split
     or eval.reference/reference_samples/num_samples are refused unless --force.
     """
-    from gan.compare import compare_runs
+    from gan.tools.compare import compare_runs
     result = compare_runs(run_dirs, out, metric, target, force, baseline,
                           warn=lambda m: click.echo(m, err=True), common_steps=common_steps)
     click.echo(result.markdown)
@@ -298,8 +291,8 @@ def study(study_file, jobs, budget_minutes, sets, dry_run, emit_commands):
     Finished runs are skipped and stopped ones resume, so after Ctrl-C or the budget (each run saves a
     checkpoint) the same command continues the study.
     """
-    from gan.config import parse_assignment
-    from gan.study import emit_commands as commands, load_study, run_study
+    from gan.core.config import parse_assignment
+    from gan.tools.study import emit_commands as commands, load_study, run_study
     study = load_study(study_file, dict(parse_assignment(s) for s in sets))
     if emit_commands:
         for line in commands(study):

@@ -68,7 +68,7 @@ def dcgan_init(module: nn.Module) -> None:
 
 
 def build_models(cfg) -> tuple[Generator, Discriminator]:
-    """Both networks from a `gan.config.Config`, DCGAN-initialised."""
+    """Both networks from a `gan.core.config.Config`, DCGAN-initialised."""
     import dataclasses
     m = cfg.model
     G = Generator(m.z_dim, m.ngf, m.norm, tuple(m.mn_layers), dataclasses.asdict(m.mn))

@@ -113,8 +113,9 @@ def cuda_tests(check: Check, env: dict) -> dict:
 
 def fid_timing(device: str, test_data: str, weights: str | None, sizes: list[int], download: bool) -> dict:
     import torch
-    from gan.config import load_config
-    from gan.sampling import evaluator_from_config, generate, to_uint8
+    from gan.core.config import load_config
+    from gan.eval.metrics import Evaluator
+    from gan.eval.sampling import generate, to_uint8
     from models.dcgan import build_models
     cfg = load_config(ROOT / "configs" / "study-gpu.yaml",
                       {"eval.reference": test_data, "metrics.inception_weights": weights,
@@ -122,7 +123,7 @@ def fid_timing(device: str, test_data: str, weights: str | None, sizes: list[int
     dev = torch.device(device)
     G, _ = build_models(cfg)  # untrained: the timing does not depend on what the images show
     G.to(dev).eval()
-    ev = evaluator_from_config(cfg, dev, progress=False)
+    ev = Evaluator.from_config(cfg, dev, progress=False)
     ev.verbose = False
     _sync(dev)
     t0 = time.perf_counter()
@@ -164,12 +165,12 @@ def probe(check: Check, env: dict, outdir: Path, data: str, test_data: str, weig
     code, out = check.run(argv, env=env)
     wall = time.monotonic() - t0
     # With no evaluations there is nothing to compare: the study says so and exits 1 after the runs stopped.
-    from gan.compare import read_metrics
+    from gan.core.run_folder import RunFolder
     result: dict = {"jobs": jobs, "budget_minutes": minutes, "wall_seconds": round(wall, 1), "study_exit": code}
     for norm in ("bn", "mn"):
         sps, steps = [], []
         for run in sorted(runs.glob(f"{norm}-s*")):
-            recs = [r for r in read_metrics(run / "metrics.jsonl") if "sec_per_step" in r]
+            recs = [r for r in RunFolder(run).read_metrics() if "sec_per_step" in r]
             if len(recs) > 1:
                 sps.append(statistics.median(r["sec_per_step"] for r in recs[1:]))  # first window: warm-up
             steps.append(recs[-1]["step"] if recs else 0)

@@ -1,7 +1,9 @@
 """Shared fixtures: tiny datasets made on the fly, and configs for runs that take seconds on a CPU."""
 from __future__ import annotations
 
+import errno
 import ipaddress
+import json
 import os
 import socket
 import zipfile
@@ -12,6 +14,7 @@ import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -104,7 +107,7 @@ def tiny_overrides(data: Path, run_dir: Path, **extra) -> dict:
 @pytest.fixture
 def tiny_config(image_zip, tmp_path):
     """`tiny_config(**overrides)` -> a validated Config for a seconds-long CPU run in tmp_path/run."""
-    from gan.config import load_config
+    from gan.core.config import load_config
 
     def make(**extra):
         run_dir = extra.pop("run_dir", tmp_path / "run")
@@ -112,10 +115,128 @@ def tiny_config(image_zip, tmp_path):
     return make
 
 
+@pytest.fixture
+def torch_seed0():
+    """torch's global RNG seeded with 0 before the test (the MN tests: `pytestmark = usefixtures(...)`)."""
+    torch.manual_seed(0)
+
+
+# ---------------------------------------------------------------- helpers several test files share
+
+def set_args(overrides: dict) -> list[str]:
+    """The `--set key=value` options that give a CLI command these overrides."""
+    args = []
+    for key, value in overrides.items():
+        args += ["--set", f"{key}={value}"]
+    return args
+
+
+def train_args(data, run, *extra) -> list[str]:
+    """`cli train` arguments (for CliRunner) of a quiet tiny_overrides() run without wandb, then `extra`."""
+    return ["train", "--wandb", "disabled", "--quiet", *set_args(tiny_overrides(data, run)), *extra]
+
+
+def output_lines(text: str) -> list[str]:
+    """A command's output without its blank lines."""
+    return [l for l in text.splitlines() if l.strip()]
+
+
+def logged_steps(run: Path) -> list[int]:
+    """The steps of the run's metrics.jsonl lines, skipping a line a kill cut short."""
+    path = run / "metrics.jsonl"
+    if not path.exists():
+        return []
+    steps = []
+    for line in path.read_text().splitlines():
+        try:
+            steps.append(json.loads(line)["step"])
+        except (ValueError, KeyError):
+            pass  # a line a kill cut short
+    return steps
+
+
+def assert_same(a, b, where: str = "state") -> None:
+    """Tensors equal bit for bit, everything else equal, recursively."""
+    if isinstance(a, torch.Tensor):
+        assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b), where
+    elif isinstance(a, dict):
+        assert isinstance(b, dict) and a.keys() == b.keys(), f"{where}: {sorted(a)} != {sorted(b)}"
+        for k in a:
+            assert_same(a[k], b[k], f"{where}.{k}")
+    elif isinstance(a, (list, tuple)):
+        assert isinstance(b, (list, tuple)) and len(a) == len(b), where
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def training_state(state: dict) -> dict:
+    """What must match between an interrupted-and-resumed run and an uninterrupted one."""
+    return {k: state[k] for k in ("step", "G", "D", "opt_g", "opt_d", "ema", "rng", "history", "best")}
+
+
+def fake_wandb(monkeypatch, fail_log: bool = False) -> list:
+    """wandb.init returns a stand-in run; returns a list that gets True when finish() is called."""
+    import wandb
+    finished: list = []
+
+    class FakeRun:
+        summary: dict = {}
+
+        def log(self, values, step=None):
+            if fail_log:
+                raise OSError(errno.EIO, "wandb's disk went away")
+
+        def finish(self):
+            finished.append(True)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setattr(wandb, "init", lambda **kw: FakeRun())
+    return finished
+
+
 # ---------------------------------------------------------------- the fault suite's summary line
 
-# marker -> [passed, run]; tests/test_faults.py marks its tests `fault` or `bad_input`.
+# marker -> [passed, run]; tests/test_faults_*.py mark their tests `fault`, tests/test_bad_input.py `bad_input`.
 _FAULT_TALLY = {"fault": [0, 0], "bad_input": [0, 0]}
+
+
+def assert_k1_is_batchnorm(mn, bn, shape, fmt, tol: dict) -> None:
+    """MN with K = 1 against BatchNorm with the same affine parameters, both float64: four training steps
+    (outputs, input and affine gradients), then running statistics and one eval-mode step."""
+    for _ in range(4):
+        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
+        xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+        g = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
+        yb, ym = bn(xb), mn(xm)
+        (yb * g).sum().backward()
+        (ym * g).sum().backward()
+        torch.testing.assert_close(ym, yb, **tol)
+        torch.testing.assert_close(xm.grad, xb.grad, **tol)
+        torch.testing.assert_close(mn.weight.grad, bn.weight.grad, **tol)
+        torch.testing.assert_close(mn.bias.grad, bn.bias.grad, **tol)
+    torch.testing.assert_close(mn.running_E[0], bn.running_mean, **tol)
+    torch.testing.assert_close(mn.running_V[0], bn.running_var, **tol)
+    assert int(mn.num_batches_tracked) == int(bn.num_batches_tracked) == 4
+
+    bn.eval(), mn.eval()
+    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
+    xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
+    yb, ym = bn(xb), mn(xm)
+    yb.sum().backward(), ym.sum().backward()
+    torch.testing.assert_close(ym, yb, **tol)
+    torch.testing.assert_close(xm.grad, xb.grad, **tol)
+
+
+def assert_trains_finite(m, x, steps: int = 5) -> None:
+    """`steps` training forwards and backwards of the MN layer m on x: outputs, gradients and the mixture's
+    variances stay finite (variances positive)."""
+    for _ in range(steps):
+        xi = x.clone().requires_grad_()
+        y = m(xi)
+        y.square().sum().backward()
+        assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
+    assert torch.isfinite(m.gmm_sigma2).all() and (m.gmm_sigma2 > 0).all()
 
 
 def pytest_configure(config):

@@ -11,8 +11,8 @@ import yaml
 from click.testing import CliRunner
 
 from cli import cli
-from gan.compare import compare_runs
-from gan.config import load_config
+from gan.tools.compare import compare_runs
+from gan.core.config import load_config
 from tests.conftest import ROOT
 
 
@@ -257,7 +257,7 @@ def test_study_dry_run_lists_every_run(tmp_path, monkeypatch):
 def test_study_commands_rebuild_the_planned_config(tmp_path, monkeypatch):
     """What `train --set ...` will resolve is exactly the config the study planned (values round-trip)."""
     from cli import build_config
-    from gan.study import load_study
+    from gan.tools.study import load_study
     monkeypatch.chdir(tmp_path)
     study = load_study(write_study(tmp_path, STUDY))
     for run in study.runs:
@@ -271,7 +271,7 @@ def test_study_commands_rebuild_the_planned_config(tmp_path, monkeypatch):
 
 def test_study_skips_finished_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    from gan.study import load_study
+    from gan.tools.study import load_study
     path = write_study(tmp_path, STUDY)
     done = load_study(path).runs[0]  # bn-s0, as a finished run leaves its folder
     done.run_dir.mkdir(parents=True)
@@ -310,7 +310,7 @@ def test_bad_study_file_fails_with_one_clear_line(tmp_path, monkeypatch, change,
 
 def test_shipped_study_files_plan_the_issue_runs(monkeypatch):
     """configs/study-*-runs.yaml load, and hold bn/mn with several seeds plus the one-seed ablations."""
-    from gan.study import load_study
+    from gan.tools.study import load_study
     monkeypatch.chdir(ROOT)
     cpu = load_study("configs/study-cpu-runs.yaml")
     names = [r.name for r in cpu.runs]

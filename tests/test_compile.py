@@ -13,7 +13,7 @@ import torch
 import torch._dynamo
 from torch._dynamo.utils import counters
 
-from gan.train import Trainer
+from gan.core.train import Trainer
 from models.mixture_norm import MixtureNorm2d
 
 

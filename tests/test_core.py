@@ -13,11 +13,10 @@ import yaml
 from click.testing import CliRunner
 
 from cli import cli
-from gan.config import ConfigError, config_from_dict, load_config, parse_assignment
-from gan.data import BatchStream, DataError, load_dataset
-from gan.train import Trainer
+from gan.core.config import ConfigError, config_from_dict, load_config, parse_assignment
+from gan.core.data import BatchStream, DataError, load_dataset
+from gan.core.train import Trainer
 from models.dcgan import Discriminator, Generator
-from tests.conftest import make_images
 
 
 # ---------------------------------------------------------------- models
@@ -71,6 +70,24 @@ def test_bad_config_via_cli_is_one_line(tmp_path):
                      "ema_decay, fused_adam, lr_d, lr_g, on_nan, seed, steps, threads)"]
 
 
+def test_each_key_s_roles_live_on_its_field():
+    """What resume, compare and study treat specially comes from the fields' metadata (gan/core/config.py)."""
+    from gan.tools import compare, study
+    from gan.core.config import _RULES, KEY_ROLES, RESUMABLE_CHANGES, Config, flatten, key
+    assert list(KEY_ROLES) == list(flatten(Config().to_dict()))
+    # A resume may change the length, logging, device and paths; never the maths.
+    assert {"train.steps", "train.device", "log.every", "ckpt.keep", "eval.every", "data.path"} <= set(RESUMABLE_CHANGES)
+    assert not {"model.mn.num_components", "train.lr_g", "train.seed", "log.wandb_project"} & set(RESUMABLE_CHANGES)
+    # A section's role is every key's in it.
+    assert {"log.every", "log.wandb_project", "ckpt.keep", "train.seed", "run_dir"} <= set(compare.NOT_GROUPING)
+    assert "model.norm" not in compare.NOT_GROUPING and "data.path" in compare.MUST_MATCH
+    assert set(compare.MN_ONLY) == {"model.mn_layers"} | {k for k in KEY_ROLES if k.startswith("model.mn.")}
+    assert set(study.STUDY_OWNED) == {"run_dir", "train.seed"}
+    assert _RULES["model.mn.lambda_min"][1] == "in (0, 1)" and "model.norm" not in _RULES
+    with pytest.raises(TypeError, match="unknown config key role"):
+        key(1, resumeable=True)
+
+
 def test_set_parses_yaml_values():
     assert parse_assignment("model.mn_layers=[0, 2]") == ("model.mn_layers", [0, 2])
     assert parse_assignment("train.lr_g=1e-4") == ("train.lr_g", 1e-4)
@@ -110,7 +127,7 @@ def test_dataset_identity_follows_content_not_location(image_folder, image_zip, 
     """The reference-statistics cache is keyed by it: a copied or re-mounted dataset must still hit."""
     import os
     import shutil
-    from gan.data import dataset_identity
+    from gan.core.data import dataset_identity
     zip_copy = shutil.copy(image_zip, tmp_path / image_zip.name)
     os.utime(zip_copy, (1, 1))
     assert dataset_identity("folder", zip_copy) == dataset_identity("folder", image_zip)
@@ -131,7 +148,7 @@ def test_dataset_identity_follows_content_not_location(image_folder, image_zip, 
 
 def test_reference_key_is_the_same_from_training_and_from_evaluate(tiny_config):
     """The trainer reuses its loaded images' identity; evaluate computes it from the config: one cache entry."""
-    from gan.sampling import build_reference
+    from gan.eval.reference import build_reference
     cfg = tiny_config(**{"eval.reference": "train"})
     data = load_dataset(cfg.data.source, cfg.data.path, cfg.data.split, resize=cfg.data.resize, progress=False)
     _, from_training = build_reference(cfg, lambda: data)
@@ -248,7 +265,7 @@ def test_resume_auto_and_no_duplicate_steps(tiny_config):
 def test_existing_run_is_not_overwritten_silently(tiny_config):
     cfg = tiny_config(**{"train.steps": 10})
     Trainer(cfg, progress=False).run()
-    from gan.errors import UserError
+    from gan.core.errors import UserError
     with pytest.raises(UserError, match="already holds a run; pass --resume auto"):
         Trainer(cfg, progress=False)
     assert Trainer(cfg, overwrite=True, progress=False).step == 0

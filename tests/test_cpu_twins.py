@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gan.train import Trainer
+from gan.core.train import Trainer
 from models.mixture_norm import MixtureNorm2d
 
 GPU_DEFAULTS = {"train.amp": "bf16", "train.fused_adam": "always", "train.channels_last": True,

@@ -71,9 +71,9 @@ def test_k1_mixture_norm_is_batchnorm_under_bf16_autocast():
 
 
 def _gpu_trainer(tmp_path, norm: str, **extra):
-    from gan.config import load_config
-    from gan.data import ImageData
-    from gan.train import Trainer
+    from gan.core.config import load_config
+    from gan.core.data import ImageData
+    from gan.core.train import Trainer
     images = make_images(256, seed=1)
     data = ImageData(images, torch.zeros(len(images), dtype=torch.long), ["x"], "cuda-test-256")
     overrides = {"run_dir": str(tmp_path / norm), "model.norm": norm, "model.ngf": 64, "model.ndf": 64,
@@ -116,8 +116,8 @@ def test_resume_on_cuda_continues_the_same_run(tmp_path):
         straight.run()
         first = _gpu_trainer(tmp_path / "b", "mn", **{"train.amp": "off", "train.steps": 25})
         first.run()
-        from gan.config import load_config
-        from gan.train import Trainer
+        from gan.core.config import load_config
+        from gan.core.train import Trainer
         cfg = load_config(None, {**_flat(first.cfg), "train.steps": 50})
         resumed = Trainer(cfg, resume="auto", progress=False, data=first.data)
         assert resumed.step == 25
@@ -133,12 +133,12 @@ def test_resume_on_cuda_continues_the_same_run(tmp_path):
 
 
 def _flat(cfg) -> dict:
-    from gan.config import flatten
+    from gan.core.config import flatten
     return flatten(cfg.to_dict())
 
 
 def _weights():
-    from gan.inception import resolve_inception_weights
+    from gan.eval.inception import resolve_inception_weights
     path = os.environ.get("MNGAN_INCEPTION_WEIGHTS")
     try:
         return resolve_inception_weights(path, None, False)
@@ -151,7 +151,7 @@ def test_fid_on_cuda_equals_fid_on_cpu(tmp_path):
 
     Inception runs in float32 on both; the features differ by convolution algorithms' summation order
     (relative ~1e-6), which moves an FID of this size by far less than 0.1 %."""
-    from gan.metrics import Evaluator
+    from gan.eval.metrics import Evaluator
     weights = _weights()
     real, fake = make_images(200, seed=3), make_images(200, seed=4)
     scores = {}
@@ -170,8 +170,8 @@ def test_one_process_torchrun_uses_nccl(tmp_path):
     script.write_text(textwrap.dedent(f"""
         import sys; sys.path.insert(0, {str(ROOT)!r})
         import copy, torch, torch.distributed as dist
-        from gan import distributed
-        from models.mixture_norm import sum_over_ranks
+        from gan.core import distributed
+        from models.sync_norms import sum_over_ranks
         distributed._init("cuda", __import__("datetime").timedelta(seconds=60))
         assert dist.get_backend() == "nccl", dist.get_backend()
         t = torch.ones(3, device="cuda"); dist.all_reduce(t)

@@ -1,4 +1,4 @@
-"""gan/diagnose.py: per-layer plots and statistics of a generator's normalization layers."""
+"""gan/tools/diagnose.py: per-layer plots and statistics of a generator's normalization layers."""
 from __future__ import annotations
 
 import math
@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from gan.diagnose import channel_moments, diagnose, format_report
+from gan.tools.diagnose import channel_moments, diagnose, format_report
 from models.mixture_norm import MixtureNorm2d
 
 
@@ -85,7 +85,7 @@ def test_skewed_input_has_positive_skewness(tmp_path):
 
 
 def test_mode_overlap_is_0_for_separated_and_1_for_identical_components():
-    from gan.diagnose import mode_overlap
+    from gan.tools.diagnose import mode_overlap
     from models.mixture_norm import GMM
     c = 4
     lam = torch.tensor([0.5, 0.3, 0.2])

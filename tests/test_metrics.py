@@ -18,10 +18,10 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 
-from gan import inception, metrics
-from gan.inception import (InceptionExtractor, MetricsError, find_fid_helper_torchscript, resolve_inception_weights,
+from gan.eval import inception, metrics
+from gan.eval.inception import (InceptionExtractor, MetricsError, find_fid_helper_torchscript, resolve_inception_weights,
                            weights_for_torch_fidelity)
-from gan.metrics import IS_UNAVAILABLE_MESSAGE, Evaluator
+from gan.eval.metrics import IS_UNAVAILABLE_MESSAGE, Evaluator
 
 N = 32
 

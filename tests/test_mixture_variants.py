@@ -1,4 +1,5 @@
-"""The MN variants of issue 15 (models/mixture_variants.py): posteriors=per_channel and fit=fresh.
+"""The MN variants of issue 15 (models/gmm_per_channel.py and the rest of MN): posteriors=per_channel and
+fit=fresh.
 
 Identities are tested in float64, where the two sides differ only by the rounding of sums taken in
 another order: relative 1e-16 per operation, a few hundred operations over inputs of size ~10, so
@@ -12,8 +13,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models import mixture_variants as mv
-from models.mixture_norm import GMM, MixtureNorm1d, MixtureNorm2d
+from models.gmm import GMM, align, mixture_mean
+from models.mixture_norm import MixtureNorm1d, MixtureNorm2d
+from models.mixture_transform import normalize_math_per_channel
+from tests.conftest import assert_k1_is_batchnorm, assert_trains_finite
 
 # (posteriors, fit) of the new variants; ("joint", "warm") is the default, tested in test_mixture_norm.py.
 VARIANTS = [("per_channel", "warm"), ("joint", "fresh"), ("per_channel", "fresh")]
@@ -21,9 +24,7 @@ IDS = ["per_channel", "fresh", "per_channel+fresh"]
 TOL64 = dict(rtol=1e-10, atol=1e-10)
 
 
-@pytest.fixture(autouse=True)
-def _seed():
-    torch.manual_seed(0)
+pytestmark = pytest.mark.usefixtures("torch_seed0")
 
 
 def _mn(c, posteriors, fit, cls=MixtureNorm2d, **kw):
@@ -48,28 +49,7 @@ def test_k1_equals_batchnorm_float64(posteriors, fit, mn_cls, bn_cls, shape, fmt
     with torch.no_grad():
         w, b = torch.rand(c, dtype=torch.float64) + 0.5, torch.randn(c, dtype=torch.float64)
         bn.weight.copy_(w), mn.weight.copy_(w), bn.bias.copy_(b), mn.bias.copy_(b)
-    for _ in range(4):
-        x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
-        xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
-        g = torch.randn(shape, dtype=torch.float64).contiguous(memory_format=fmt)
-        yb, ym = bn(xb), mn(xm)
-        (yb * g).sum().backward()
-        (ym * g).sum().backward()
-        torch.testing.assert_close(ym, yb, **TOL64)
-        torch.testing.assert_close(xm.grad, xb.grad, **TOL64)
-        torch.testing.assert_close(mn.weight.grad, bn.weight.grad, **TOL64)
-        torch.testing.assert_close(mn.bias.grad, bn.bias.grad, **TOL64)
-    torch.testing.assert_close(mn.running_E[0], bn.running_mean, **TOL64)
-    torch.testing.assert_close(mn.running_V[0], bn.running_var, **TOL64)
-    assert int(mn.num_batches_tracked) == int(bn.num_batches_tracked) == 4
-
-    bn.eval(), mn.eval()
-    x = (torch.randn(shape, dtype=torch.float64) * 2 + 3).contiguous(memory_format=fmt)
-    xb, xm = x.clone().requires_grad_(), x.clone().requires_grad_()
-    yb, ym = bn(xb), mn(xm)
-    yb.sum().backward(), ym.sum().backward()
-    torch.testing.assert_close(ym, yb, **TOL64)
-    torch.testing.assert_close(xm.grad, xb.grad, **TOL64)
+    assert_k1_is_batchnorm(mn, bn, shape, fmt, TOL64)
 
 
 # --------------------------------------------------------------------------------------
@@ -123,9 +103,9 @@ def test_per_channel_backward_is_the_exact_gradient_at_fixed_posteriors(fmt):
     # Autograd through normalize_math with the posteriors m used, as constants.
     tau = info["tau"].movedim(1, 0).flatten(3)  # (K, N, C, L)
     x3 = x2.flatten(2)
-    shift = mv.mixture_mean(GMM(m.gmm_lambda, m.gmm_mu, m.gmm_sigma2))  # any constant does
-    y2 = mv.normalize_math(x3, (x3 - shift[:, None]) ** 2, shift, tau, info["scale"], m_auto.weight,
-                           m_auto.bias, m.eps, lambda t: t)[0]
+    shift = mixture_mean(GMM(m.gmm_lambda, m.gmm_mu, m.gmm_sigma2))  # any constant does
+    y2 = normalize_math_per_channel(x3, (x3 - shift[:, None]) ** 2, shift, tau, info["scale"], m_auto.weight,
+                                    m_auto.bias, m.eps, lambda t: t)[0]
     (y2.reshape(y1.shape) * g).sum().backward()
     torch.testing.assert_close(y1, y2.reshape(y1.shape), **TOL64)
     torch.testing.assert_close(x1.grad, x2.grad, **TOL64)
@@ -232,14 +212,14 @@ def test_align_relabels_to_the_previous_components():
                torch.ones(3, 2))
     perm = torch.tensor([2, 0, 1])
     new = GMM(prev.lam[perm], prev.mu[perm] + 0.1, prev.sigma2[perm] * 1.5)
-    out = mv.align(new, prev)
+    out = align(new, prev)
     torch.testing.assert_close(out.mu, prev.mu + 0.1)
     torch.testing.assert_close(out.lam, prev.lam)
     # Per channel: each channel's components relabelled on their own.
     prev_pc = GMM(torch.full((3, 2), 1 / 3), torch.tensor([[0.0, 7.0], [4.0, -7.0], [8.0, 0.0]]), torch.ones(3, 2))
     perms = torch.tensor([[1, 2], [2, 0], [0, 1]])  # component perms[k, c] of prev is new component k
     new_pc = GMM(prev_pc.lam.gather(0, perms), prev_pc.mu.gather(0, perms) - 0.2, prev_pc.sigma2.gather(0, perms))
-    torch.testing.assert_close(mv.align(new_pc, prev_pc).mu, prev_pc.mu - 0.2)
+    torch.testing.assert_close(align(new_pc, prev_pc).mu, prev_pc.mu - 0.2)
 
 
 # --------------------------------------------------------------------------------------
@@ -310,96 +290,4 @@ def test_collapsed_component_stays_finite(posteriors, fit):
     x = torch.randn(8, c, 4, 4)
     x[:4] = 0.7
     m = _mn(c, posteriors, fit)
-    for _ in range(5):
-        xi = x.clone().requires_grad_()
-        y = m(xi)
-        y.square().sum().backward()
-        assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
-    assert torch.isfinite(m.gmm_sigma2).all() and (m.gmm_sigma2 > 0).all()
-
-
-# --------------------------------------------------------------------------------------
-# Graph capture, state, config
-# --------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("posteriors,fit", [("joint", "warm")] + VARIANTS, ids=["joint"] + IDS)
-def test_initialized_layer_captures_into_one_graph(posteriors, fit):
-    """fullgraph=True fails on any graph break, and a host sync (.item(), bool(tensor), a Python `if` on
-    data) is one. aot_eager traces forward and backward like inductor does, without compiling kernels
-    (minutes on CPU); the outputs and the layer's state then equal eager mode."""
-    torch._dynamo.reset()
-    m = _mn(6, posteriors, fit, em_samples=64)
-    m(torch.randn(8, 6, 4, 4))  # the first step seeds the mixture (data-dependent by design)
-    ref = copy.deepcopy(m)
-    compiled = torch.compile(m, fullgraph=True, backend="aot_eager")
-    x = torch.randn(8, 6, 4, 4).contiguous(memory_format=torch.channels_last)
-    for mode in ("train", "eval"):
-        m.train(mode == "train"), ref.train(mode == "train")
-        x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-        torch.manual_seed(3)
-        y1 = compiled(x1)
-        torch.manual_seed(3)
-        y2 = ref(x2)
-        y1.square().sum().backward(), y2.square().sum().backward()
-        torch.testing.assert_close(y1, y2, rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-4, atol=1e-5)
-    for k, v in ref.state_dict().items():
-        torch.testing.assert_close(m.state_dict()[k], v, rtol=1e-5, atol=1e-5, msg=k)
-
-
-def test_state_dict_roundtrip_and_old_checkpoints(tmp_path):
-    a = _mn(6, "per_channel", "fresh")
-    for _ in range(3):
-        a(torch.randn(8, 6, 5, 5))
-    torch.save(a.state_dict(), tmp_path / "pc.pt")
-    b = _mn(6, "per_channel", "fresh")
-    b.load_state_dict(torch.load(tmp_path / "pc.pt", weights_only=True))
-    a.eval(), b.eval()
-    x = torch.randn(4, 6, 5, 5)
-    assert torch.equal(a(x), b(x))
-    # A checkpoint of the default layer has the same keys and shapes as before the variants existed:
-    # the weights are (K,) for joint posteriors, (K, C) only for per-channel ones.
-    shapes = {k: tuple(v.shape) for k, v in MixtureNorm2d(6).state_dict().items()}
-    assert shapes["gmm_lambda"] == shapes["running_lambda"] == shapes["dead_count"] == (3,)
-    # ... and a config written before the variants existed reads as the defaults.
-    from gan.config import config_from_dict, load_config
-    old = load_config(None, {}).to_dict()
-    del old["model"]["mn"]["posteriors"], old["model"]["mn"]["fit"]
-    cfg = config_from_dict(old)
-    assert (cfg.model.mn.posteriors, cfg.model.mn.fit) == ("joint", "warm")
-
-
-def test_config_builds_the_variants_and_refuses_unknown_ones():
-    from gan.config import ConfigError, load_config
-    from models.dcgan import build_models
-    cfg = load_config(None, {"model.norm": "mn", "model.ngf": 4, "model.ndf": 4,
-                             "model.mn.posteriors": "per_channel", "model.mn.fit": "fresh"})
-    G, _ = build_models(cfg)
-    mns = [m for m in G.modules() if isinstance(m, MixtureNorm2d)]
-    assert len(mns) == 3 and all((m.posteriors, m.fit) == ("per_channel", "fresh") for m in mns)
-    G(torch.randn(4, cfg.model.z_dim)).mean().backward()
-    with pytest.raises(ConfigError, match="model.mn.posteriors"):
-        load_config(None, {"model.mn.posteriors": "per_sample"})
-    with pytest.raises(ConfigError, match="model.mn.fit"):
-        load_config(None, {"model.mn.fit": "cold"})
-
-
-def test_training_run_with_the_variants_resumes_exactly(tiny_config, tmp_path):
-    """The real Trainer with per-channel posteriors and fresh fits: finite, checkpointed with the (K, C)
-    state, and a resumed run retraces the same steps (k-means++ draws included) bit for bit."""
-    from gan.train import Trainer
-    variant = {"model.norm": "mn", "model.mn.posteriors": "per_channel", "model.mn.fit": "fresh",
-               "model.mn.em_steps": 2, "train.steps": 6, "ckpt.every": 3, "log.every": 3, "log.sample_every": 0}
-    full = tiny_config(**variant)
-    t = Trainer(full, progress=False)
-    t.run()
-    mns = [m for m in t.G.modules() if isinstance(m, MixtureNorm2d)]
-    assert len(mns) == 3 and all(m.gmm_lambda.shape == (3, m.num_features) for m in mns)
-    resumed = Trainer(tiny_config(run_dir=str(tmp_path / "resumed"), **variant),
-                      resume=str(full.resolved_run_dir / "checkpoints" / "step_0000003.pt"), progress=False)
-    resumed.run()
-    want, got = t.G.state_dict(), resumed.G.state_dict()
-    assert want.keys() == got.keys()
-    for k in want:
-        assert torch.equal(want[k], got[k]), k
+    assert_trains_finite(m, x)

@@ -9,9 +9,10 @@ import time
 import pytest
 import torch
 
-from gan import inception, tracking
-from gan.inception import resolve_inception_weights
-from gan.metrics import Evaluator
+from gan.eval import inception
+from gan.core import tracking
+from gan.eval.inception import resolve_inception_weights
+from gan.eval.metrics import Evaluator
 from tests.conftest import make_images
 
 
@@ -67,7 +68,7 @@ def test_a_hanging_network_falls_back_to_the_conversion_within_seconds(tmp_path,
 
 
 def test_the_config_allows_the_download_and_the_tests_do_not(tiny_config):
-    from gan.config import Config
+    from gan.core.config import Config
     assert Config().metrics.allow_download is True
     assert tiny_config().metrics.allow_download is False
 
@@ -110,7 +111,7 @@ def test_wandb_flag_beats_env_beats_config(no_wandb_env, monkeypatch):
 
 
 def test_a_run_says_which_wandb_mode_it_chose_and_why(no_wandb_env, tiny_config, monkeypatch, capsys):
-    from gan.train import Trainer
+    from gan.core.train import Trainer
     started = []
     monkeypatch.setattr(tracking.RunLogger, "_start_wandb", lambda self, c, mode, p: started.append(mode))
     Trainer(tiny_config(**{"log.wandb": "auto"}), progress=False)

@@ -13,10 +13,11 @@ import yaml
 from click.testing import CliRunner
 
 from cli import cli
-from gan import study as study_mod
-from gan.checkpoint import list_checkpoints
-from gan.compare import compare_runs, read_metrics
-from gan.config import load_config
+from gan.tools import study as study_mod
+from gan.core.checkpoint import list_checkpoints
+from gan.core.run_folder import RunFolder
+from gan.tools.compare import compare_runs
+from gan.core.config import load_config
 from tests.conftest import tiny_overrides
 from tests.test_compare import make_run
 
@@ -39,7 +40,7 @@ def _stopped_cleanly(run_dir) -> int:
     ckpts = list_checkpoints(run_dir / "checkpoints")
     assert ckpts, f"{run_dir}: no checkpoint"
     saved = torch.load(ckpts[0], map_location="cpu", weights_only=True)["step"]
-    logged = read_metrics(run_dir / "metrics.jsonl")
+    logged = RunFolder(run_dir).read_metrics()
     assert logged and logged[-1]["step"] <= saved
     return saved
 
@@ -68,7 +69,7 @@ def test_budget_stops_every_run_with_a_checkpoint_and_a_second_call_continues(tm
     assert "budget reached" in r.output and "resume (logged up to step" in r.output
     for name, step in first.items():
         log = (tmp_path / "out" / f"{name}-s0" / "train.log").read_text()
-        assert f"resuming from" in log and f"at step {step}" in log
+        assert "resuming from" in log and f"at step {step}" in log
         assert _stopped_cleanly(tmp_path / "out" / f"{name}-s0") > step
 
 

@@ -12,7 +12,7 @@ import socket
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
@@ -20,7 +20,7 @@ import torchvision
 from PIL import Image, UnidentifiedImageError
 from torchvision.transforms.v2 import functional as TF
 
-from gan.errors import UserError
+from gan.core.errors import UserError
 
 IMAGE_SIZE = 32
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif")
@@ -222,9 +222,3 @@ class BatchStream:
             flip = self._flip[idx.to(self.device)].view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
         return x
-
-    def __iter__(self) -> Iterator[torch.Tensor]:
-        step = 0
-        while True:
-            yield self.batch(step)
-            step += 1

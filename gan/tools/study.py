@@ -39,14 +39,15 @@ from typing import Callable
 
 import yaml
 
-from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict, load_config, parse_assignment
-from gan.errors import UserError
+from gan.core.config import KEY_ROLES, Config, load_config, parse_assignment
+from gan.core.errors import UserError
+from gan.core.run_folder import RunFolder
 
-CLI = Path(__file__).resolve().parents[1] / "cli.py"
+CLI = Path(__file__).resolve().parents[2] / "cli.py"
 KEYS = ("base", "out", "seeds", "set", "budget_minutes", "variants")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
-STUDY_OWNED = {"run_dir": "the study puts runs in OUT/<variant>-s<seed>",
-               "train.seed": "use seeds: [...] instead"}
+# Config keys the study sets itself (their `study` role in gan/core/config.py says why a file may not).
+STUDY_OWNED = {k: roles["study"] for k, roles in KEY_ROLES.items() if roles["study"]}
 
 
 class StudyError(UserError):
@@ -183,37 +184,6 @@ def load_study(path: str | Path, sets: dict | None = None) -> Study:
     return Study(path, base, Path(out), runs, budget)
 
 
-# ---------------------------------------------------------------- where each run stands
-
-def _last_logged_step(run_dir: Path) -> int:
-    from gan.compare import read_metrics
-    records = read_metrics(run_dir / "metrics.jsonl")
-    return records[-1]["step"] if records else 0
-
-
-def run_state(run: PlannedRun) -> tuple[str, str]:
-    """("new" | "resume" | "finished" | "conflict", words for the user)."""
-    from gan import checkpoint as ckpt
-    saved_file = run.run_dir / "config.yaml"
-    if not saved_file.is_file():
-        return "new", "new"
-    has_ckpt = bool(ckpt.list_checkpoints(run.run_dir / "checkpoints"))
-    try:
-        saved = config_from_dict(yaml.safe_load(saved_file.read_text()) or {})
-        diff = config_diff(saved, run.config, RESUMABLE_CHANGES)
-    except (UserError, yaml.YAMLError, OSError):
-        diff = ["config.yaml"]
-    if diff and has_ckpt:
-        return "conflict", (f"{run.run_dir} holds a run with a different config ({', '.join(diff[:3])}); "
-                            f"move it away or change out:")
-    last = _last_logged_step(run.run_dir)
-    if not diff and last >= run.config.train.steps:
-        return "finished", f"finished (step {last})"
-    if has_ckpt:
-        return "resume", f"resume (logged up to step {last})"
-    return "new", "new"
-
-
 # ---------------------------------------------------------------- running it
 
 def _duration(seconds: float) -> str:
@@ -253,14 +223,14 @@ def prepare_references(runs: list[PlannedRun], echo: Callable[[str], None]) -> N
     Concurrent runs would otherwise each decode the reference images and run Inception over them at
     their first evaluation, all at once; each run then just loads the cache file."""
     import torch
-    from gan.sampling import evaluator_from_config
-    from gan.device import resolve_device
+    from gan.eval.metrics import Evaluator
+    from gan.core.device import resolve_device
     done = set()
     for r in runs:
         cfg = r.config
         if not cfg.eval.every:
             continue
-        ev = evaluator_from_config(cfg, resolve_device(cfg.train.device), progress=True)  # a bar: it can take long
+        ev = Evaluator.from_config(cfg, resolve_device(cfg.train.device), progress=True)  # a bar: it can take long
         if ev.reference_cache_path in done or os.path.isfile(ev.reference_cache_path):
             done.add(ev.reference_cache_path)
             continue
@@ -279,7 +249,7 @@ def emit_commands(study: Study) -> list[str]:
     cwd = shlex.quote(os.getcwd())
     lines = []
     for r in study.runs:
-        state, why = run_state(r)
+        state, why = RunFolder(r.run_dir).state(r.config)
         if state in ("new", "resume"):
             lines.append(f"cd {cwd} && {r.command}")
         elif state == "conflict":
@@ -297,7 +267,7 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
     Returns the fid CompareResult (None for a dry run)."""
     started = time.monotonic()
     budget = budget_minutes if budget_minutes is not None else study.budget_minutes
-    states = {r.name: run_state(r) for r in study.runs}
+    states = {r.name: RunFolder(r.run_dir).state(r.config) for r in study.runs}
     todo = [r for r in study.runs if states[r.name][0] in ("new", "resume")]
     conflicts = [r for r in study.runs if states[r.name][0] == "conflict"]
     finished = len(study.runs) - len(todo) - len(conflicts)
@@ -320,11 +290,11 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
     deadline = started + budget * 60 if budget else None
     outcome = _train_all(todo, jobs, echo, failed, deadline)
     if outcome == "signal":
-        raise StudyInterrupted(f"study stopped; run the same command again to continue "
-                               f"(finished runs are skipped, stopped ones resume from their checkpoint)")
+        raise StudyInterrupted("study stopped; run the same command again to continue "
+                               "(finished runs are skipped, stopped ones resume from their checkpoint)")
 
-    from gan.compare import CompareError, compare_runs
-    dirs = [r.run_dir for r in study.runs if (r.run_dir / "config.yaml").is_file()]
+    from gan.tools.compare import CompareError, compare_runs
+    dirs = [r.run_dir for r in study.runs if RunFolder(r.run_dir).is_run()]
     result = None
     if dirs:
         for metric in ("fid", "kid"):

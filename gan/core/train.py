@@ -11,15 +11,18 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from gan import checkpoint as ckpt
-from gan import device as accel
-from gan import distributed
-from gan.config import Config, RESUMABLE_CHANGES, config_diff, config_from_dict, flatten
-from gan.data import BatchStream, ImageData, load_dataset
-from gan.errors import UserError
-from gan.sampling import evaluator_from_config, generate, to_uint8
-from gan.tracking import RunLogger
+from gan.core import checkpoint as ckpt
+from gan.core import device as accel
+from gan.core import distributed
+from gan.core.config import Config
+from gan.core.data import BatchStream, ImageData, load_dataset
+from gan.core.errors import UserError
+from gan.core.run_folder import RunFolder
+from gan.core.schedule import Due, Window
+from gan.core.tracking import RunLogger
+from gan.eval.sampling import generate, to_uint8
 from models.dcgan import build_models
+from models.sync_norms import local_norms, sync_norms
 
 
 # The noise z comes from its own generator, seeded from train.seed, so that N processes draw the same
@@ -43,20 +46,20 @@ class Interrupted(UserError):
 class Trainer:
     def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False,
                  wandb_mode: str | None = None, progress: bool = True, data: ImageData | None = None):
-        from gan.tracking import NullLogger, resolve_wandb_mode
+        from gan.core.tracking import NullLogger, resolve_wandb_mode
         self.cfg = cfg
-        # Under torchrun (gan/distributed.py): this process's rank of `world`; rank 0 alone writes files.
+        # Under torchrun (gan/core/distributed.py): this process's rank of `world`; rank 0 alone writes files.
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.is_main = self.rank == 0
         self.progress = progress and self.is_main
         self.device = distributed.local_device(accel.resolve_device(cfg.train.device))
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.run_dir = cfg.resolved_run_dir
-        self.ckpt_dir = self.run_dir / "checkpoints"
+        self.folder = RunFolder(cfg.resolved_run_dir)
+        self.run_dir, self.ckpt_dir = self.folder.path, self.folder.ckpt_dir
         distributed.check_same_config(cfg.to_dict())
         # Rank 0 checks and prepares the run folder and reads the checkpoint; every rank gets its state.
-        state = distributed.on_main(lambda: self._prepare_run_dir(resume, overwrite))
+        state = distributed.on_main(lambda: self.folder.prepare(cfg, resume, overwrite))
 
         torch.manual_seed(cfg.train.seed)
         # `data` lets benchmarks and tests hand over images that are already in memory.
@@ -69,8 +72,8 @@ class Trainer:
         self.G, self.D = build_models(cfg)
         if self.world > 1 and cfg.model.sync_norm:
             # Both networks: D's BN must see the global batch too for N processes to equal one.
-            distributed.sync_norms(self.G)
-            distributed.sync_norms(self.D)
+            sync_norms(self.G)
+            sync_norms(self.D)
         self.G.to(self.device)
         self.D.to(self.device)
         if cfg.train.channels_last:
@@ -112,73 +115,14 @@ class Trainer:
             mode, why = resolve_wandb_mode(wandb_mode, cfg.log.wandb)
             if self.progress or mode != "disabled":
                 print(f"wandb: {mode} ({why})", file=sys.stderr)
-            self.logger = RunLogger(self.run_dir, cfg.to_dict(), mode, cfg.log.wandb_project,
+            self.logger = RunLogger(self.folder, cfg.to_dict(), mode, cfg.log.wandb_project,
                                     self.step if state is not None else None)
         else:
             self.logger = NullLogger()
         self._stop_signal: int | None = None
         self._signal_time = 0.0
 
-    # ------------------------------------------------------------------ run folder and resume
-
-    def _prepare_run_dir(self, resume: str | None, overwrite: bool) -> dict | None:
-        run_dir, cfg = self.run_dir, self.cfg
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write_test"
-            probe.write_text("")
-            probe.unlink()
-        except OSError as e:
-            raise UserError(f"run folder {run_dir} is not writable: {e.strerror or e}") from None
-        saved = run_dir / "config.yaml"
-        state = None
-        ckpt.remove_stale_temps(self.ckpt_dir)
-        if resume:
-            source = resume
-            if resume == "auto":
-                found = ckpt.latest_valid(self.ckpt_dir)
-                if found is not None:
-                    source, state = found
-                elif ckpt.list_checkpoints(self.ckpt_dir):
-                    print(f"warning: no valid checkpoint in {self.ckpt_dir}; starting from step 0",
-                          file=sys.stderr)
-            else:
-                state = ckpt.load_checkpoint(resume)
-            if state is not None:
-                self._check_compatible(state, source)
-                print(f"resuming from {source} at step {state['step']}", file=sys.stderr)
-        elif overwrite:
-            for p in ckpt.list_checkpoints(self.ckpt_dir) + [self.ckpt_dir / "best.pt"]:
-                p.unlink(missing_ok=True)
-        elif saved.exists():
-            differs = self._saved_config_diff(saved)
-            if differs is not None:
-                raise UserError(f"run folder {run_dir} already holds a different run ({differs}); "
-                                f"use --out for a new folder, or --overwrite to replace it")
-            if ckpt.list_checkpoints(self.ckpt_dir):
-                raise UserError(f"run folder {run_dir} already holds a run; pass --resume auto to continue it, "
-                                f"--overwrite to start it again, or --out for a new folder")
-        ckpt.atomic_write_text(saved, cfg.to_yaml())
-        return state
-
-    def _saved_config_diff(self, saved: Path) -> str | None:
-        """What the run folder's config.yaml changes against this config; None when nothing does."""
-        import yaml
-        try:
-            old = config_from_dict(yaml.safe_load(saved.read_text()))
-        except (UserError, yaml.YAMLError, OSError, TypeError):
-            return "its config.yaml is unreadable"
-        return _describe_diff(old, self.cfg)
-
-    def _check_compatible(self, state: dict, source) -> None:
-        try:
-            old = config_from_dict(state["config"])
-        except (UserError, KeyError, TypeError) as e:
-            raise ckpt.CheckpointError(f"{source}: its config is not valid here: {e}") from None
-        shown = _describe_diff(old, self.cfg)
-        if shown:
-            raise ckpt.CheckpointError(f"{source} is from a different run configuration ({shown}); "
-                                       f"use --out for a new run")
+    # ------------------------------------------------------------------ checkpoint state
 
     def _restore(self, state: dict) -> None:
         try:
@@ -316,40 +260,18 @@ class Trainer:
         """The generator that samples and metrics come from: the EMA copy when there is one."""
         return self.ema.module if self.ema is not None else self.G
 
-    def _evaluator(self):
-        if self.evaluator is None:
-            from gan.metrics import resolve_inception_weights
-            m = self.cfg.metrics
-
-            def resolve():
-                return resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
-            # Rank 0 first: it may convert or download the weights into the cache the others then read.
-            weights = distributed.on_main(resolve)
-            if not self.is_main:
-                weights = resolve()
-            self.evaluator = evaluator_from_config(self.cfg, self.device, lambda: self.data, self.progress, weights)
-        return self.evaluator
-
     def evaluate(self) -> dict:
-        e = self.cfg.eval
-        if self.world == 1:
-            images = generate(self.sampler, e.num_samples, self.cfg.model.z_dim, e.seed, self.device,
-                              e.batch_size, e.g_mode)
-            result = self._evaluator().score(to_uint8(images))
-        else:
-            result = self._evaluate_distributed()
-        result = {k: v if isinstance(v, int) else float(v) for k, v in result.items()}
-        result["ema"] = self.ema is not None
-        return result
-
-    def _evaluate_distributed(self) -> dict:
-        """Each rank makes and featurizes its share of the same fixed-noise samples (whole forward batches,
-        so the same pixels as one process); rank 0 scores the gathered features; every rank gets the result.
-        Inception features match one process's up to the float rounding of differently composed batches."""
+        """FID/KID of the sampling generator. Under torchrun each rank makes and featurizes its share of the same
+        fixed-noise samples (whole forward batches, so the same pixels as one process) and rank 0 scores the
+        gathered features; Inception features match one process's up to the float rounding of differently
+        composed batches. Every rank gets the result."""
+        if self.evaluator is None:
+            from gan.eval.metrics import Evaluator
+            self.evaluator = Evaluator.from_config(self.cfg, self.device, lambda: self.data, self.progress)
         e, z_dim = self.cfg.eval, self.cfg.model.z_dim
         first, last = distributed.share(math.ceil(e.num_samples / e.batch_size))
         start, stop = first * e.batch_size, min(last * e.batch_size, e.num_samples)
-        with distributed.local_norms(self.sampler) as G:
+        with local_norms(self.sampler) as G:
             if e.g_mode == "train":
                 # Batch statistics: each forward batch updates the sampling copy's state for the next one,
                 # so every rank makes all of them (cheap next to Inception) and keeps its share.
@@ -358,7 +280,7 @@ class Trainer:
             else:
                 images = generate(G, e.num_samples, z_dim, e.seed, self.device, e.batch_size, e.g_mode,
                                   start=start, stop=stop)
-        ev = self._evaluator()
+        ev = self.evaluator
         part = ev.inception_outputs(to_uint8(images)) if len(images) else None
         parts = [p for p in distributed.gather_to_main(part) or [] if p is not None]
 
@@ -366,12 +288,14 @@ class Trainer:
             feats = torch.cat([p[0] for p in parts])
             logits = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
             return ev.score_features(feats, logits)
-        return distributed.on_main(score)
+        result = {k: v if isinstance(v, int) else float(v) for k, v in distributed.on_main(score).items()}
+        result["ema"] = self.ema is not None
+        return result
 
     def write_samples(self) -> Path | None:
         if not self.is_main:
             return None
-        with distributed.local_norms(self.sampler) as G:  # rank 0 alone: no collectives
+        with local_norms(self.sampler) as G:  # rank 0 alone: no collectives
             images = generate(G, 64, self.cfg.model.z_dim, self.fixed_z_seed, self.device,
                               g_mode=self.cfg.eval.g_mode)
         caption = f"step {self.step}" + (" (EMA generator)" if self.ema is not None else "")
@@ -391,7 +315,6 @@ class Trainer:
                   f"(press Ctrl-C again to quit at once)", file=sys.stderr)
 
     def run(self) -> dict:
-        cfg = self.cfg
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         try:
             return self._loop()
@@ -400,75 +323,43 @@ class Trainer:
                 signal.signal(s, h)
             self.logger.close()
 
-    def _every(self, n: int) -> bool:
-        return n > 0 and self.step % n == 0
-
     def _loop(self) -> dict:
         cfg = self.cfg
         if self.step == 0 and cfg.log.sample_every:
             self.write_samples()
-        sums: dict[str, torch.Tensor] = {}
-        window_steps, window_time = 0, 0.0
+        window = Window()
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=self.run_dir.name, unit="step",
                    disable=not self.progress, dynamic_ncols=True)
-        last_fid = self.history[-1]["fid"] if self.history and "fid" in self.history[-1] else None
         self.G.train()
         self.D.train()
         while self.step < cfg.train.steps:
             t0 = time.perf_counter()
             scalars = self.train_step()
-            for k, v in (scalars or {}).items():
-                sums[k] = sums[k] + v if k in sums else v.clone()
             self.step += 1
-            window_steps += 1
-            if self.device.type == "cuda" and self._every(cfg.log.every):
-                torch.cuda.synchronize(self.device)
+            due = Due.at(self.step, cfg)
+            if self.device.type == "cuda" and due.log:
+                torch.cuda.synchronize(self.device)  # so that the window's time is the GPU's, not the launches'
             dt = time.perf_counter() - t0
-            window_time += dt
+            window.add(scalars, dt)
             self.train_time += dt
             bar.update(1)
             # Under torchrun a signal reaches the processes at different steps: they agree on it here, so
             # that all stop after the same step. (One process: this is just the signal, if any.)
             stop = distributed.max_int(self._stop_signal or 0)
-
-            last = self.step == cfg.train.steps
-            record: dict = {}
-            evaluating = self._every(cfg.eval.every) or (last and cfg.eval.every)
-            if (self._every(cfg.log.every) or last or self._every(cfg.ckpt.every) or evaluating or stop):
-                # Nothing is saved or scored past this point with weights a bad update has touched.
-                self._check_finite()
-            if self._every(cfg.log.every) or last or self._every(cfg.ckpt.every):
-                if sums:  # losses of the global batch: the mean over ranks of each rank's mean
-                    keys = list(sums)
-                    values = distributed.mean_over_ranks(torch.stack([sums[k] for k in keys])) / window_steps
-                    record.update(zip(keys, values.tolist()))
-                record["sec_per_step"] = window_time / window_steps
-                record["train_time"] = self.train_time
-                sums, window_steps, window_time = {}, 0, 0.0
-            if evaluating:
-                metrics = self.evaluate()
-                record.update(metrics)
-                self.history.append({"step": self.step, **metrics})
-                last_fid = metrics["fid"]
-                if self.best is None or metrics["fid"] < self.best["fid"]:
-                    self.best = {"step": self.step, "fid": metrics["fid"]}
-                    self.logger.summary({"best_fid": self.best["fid"], "best_step": self.step})
-                    if self.is_main:
-                        ckpt.write_checkpoint(self.state_dict(), self.ckpt_dir / "best.pt")
+            if due.log or due.evaluate or stop:
+                self._check_finite()  # nothing is saved or scored past here with weights a bad update touched
+            record = window.flush(self.train_time) if due.log else {}
+            if due.evaluate:
+                record.update(self._evaluate_and_keep_best())
             if record:
-                record.setdefault("train_time", self.train_time)
-                self.logger.log(self.step, record)
-                post = {k: f"{record[k]:.3f}" for k in ("loss_d", "loss_g") if k in record}
-                if last_fid is not None:
-                    post["fid"] = f"{last_fid:.2f}"
-                bar.set_postfix(post, refresh=False)
-            if self._every(cfg.log.sample_every) or last:
+                self._log(record, bar)
+            if due.sample:
                 self.write_samples()
-            if self._every(cfg.ckpt.every) or last:
+            if due.checkpoint:
                 self.save()
             if stop:
                 bar.close()
-                path = self.save() if not (self._every(cfg.ckpt.every) or last) else self._last_ckpt()
+                path = self.save() if not due.checkpoint else self._last_ckpt()
                 # No process exits before rank 0's checkpoint is written: torchrun stops the whole job
                 # as soon as one process ends with an error code.
                 distributed.barrier()
@@ -479,6 +370,25 @@ class Trainer:
             summary.update(best_fid=self.best["fid"], best_step=self.best["step"])
         return summary
 
+    def _evaluate_and_keep_best(self) -> dict:
+        metrics = self.evaluate()
+        self.history.append({"step": self.step, **metrics})
+        if self.best is None or metrics["fid"] < self.best["fid"]:
+            self.best = {"step": self.step, "fid": metrics["fid"]}
+            self.logger.summary({"best_fid": self.best["fid"], "best_step": self.step})
+            if self.is_main:
+                ckpt.write_checkpoint(self.state_dict(), self.folder.best_path)
+        return metrics
+
+    def _log(self, record: dict, bar: tqdm) -> None:
+        record.setdefault("train_time", self.train_time)
+        self.logger.log(self.step, record)
+        post = {k: f"{record[k]:.3f}" for k in ("loss_d", "loss_g") if k in record}
+        fids = [h["fid"] for h in self.history if "fid" in h]
+        if fids:
+            post["fid"] = f"{fids[-1]:.2f}"
+        bar.set_postfix(post, refresh=False)
+
     def _check_finite(self) -> None:
         bad = distributed.first_step(int(self._first_bad))  # under torchrun: the first bad step on any rank
         if bad >= 0:
@@ -487,7 +397,7 @@ class Trainer:
                                    f"(train.on_nan: skip skips such updates instead)"))
 
     def _last_ckpt(self) -> str:
-        found = ckpt.list_checkpoints(self.ckpt_dir)
+        found = self.folder.checkpoints()
         return str(found[0]) if found else "none yet"
 
 
@@ -501,12 +411,3 @@ def _shared(error: UserError) -> UserError:
     """Marks an error that every rank raises alike, so that only rank 0 prints it."""
     error.shared = distributed.is_distributed()
     return error
-
-
-def _describe_diff(old: Config, new: Config) -> str | None:
-    """The first few config keys a resume may not change, as 'key: old -> new', or None."""
-    diff = config_diff(old, new, RESUMABLE_CHANGES)
-    if not diff:
-        return None
-    fo, fn = flatten(old.to_dict()), flatten(new.to_dict())
-    return ", ".join(f"{k}: {fo[k]!r} -> {fn.get(k)!r}" for k in diff[:4])

@@ -20,8 +20,8 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from gan.config import load_config
-from gan.data import ImageData
+from gan.core.config import load_config
+from gan.core.data import ImageData
 
 
 @dataclass
@@ -70,7 +70,7 @@ def synthetic_data(n: int = 4096, seed: int = 0) -> ImageData:
 
 def make_trainer(device: str, norm: str, data: ImageData, run_dir: Path, **overrides):
     """Our real Trainer, on in-memory data, with logging off: what a training run executes per step."""
-    from gan.train import Trainer
+    from gan.core.train import Trainer
     o = {"run_dir": str(run_dir), "model.norm": norm, "train.device": device, "eval.every": 0,
          "log.sample_every": 0, "ckpt.every": 0, "log.wandb": "disabled", "data.source": "folder",
          "data.path": "in-memory", **overrides}
@@ -200,9 +200,9 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
 
 def bench_eval(device: torch.device, num_images: int, repeats: int, weights_path: str | None = None) -> list[Row]:
     import torch_fidelity
-    from gan.inception import weights_for_torch_fidelity
-    from gan.metrics import Evaluator, resolve_inception_weights
-    from gan.sampling import generate, to_uint8
+    from gan.eval.inception import weights_for_torch_fidelity
+    from gan.eval.metrics import Evaluator, resolve_inception_weights
+    from gan.eval.sampling import generate, to_uint8
     from models.dcgan import Generator, dcgan_init
 
     weights = resolve_inception_weights(weights_path, None)
@@ -262,4 +262,30 @@ def device_name(device: torch.device) -> str:
     return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-BENCHES = {"train": bench_train, "norm": bench_norm, "eval": bench_eval}
+@dataclass
+class BenchOptions:
+    """`cli.py bench`'s options, which every benchmark reads its own from."""
+    steps: int = 10          # training steps per timed repeat
+    repeats: int = 5         # timed repeats (eval: half as many); the median is reported
+    ngf: int = 64            # generator and discriminator width
+    eval_images: int = 250   # generated (and as many real) images for eval
+    weights: str | None = None  # Inception weights for eval
+
+
+# name -> benchmark, in the order `bench all` runs them.
+BENCHES: dict[str, Callable[[torch.device, BenchOptions], list[Row]]] = {
+    "train": lambda device, o: bench_train(device, o.steps, o.repeats, o.ngf),
+    "norm": lambda device, o: bench_norm(device, o.steps, o.repeats, o.ngf),
+    "eval": lambda device, o: bench_eval(device, o.eval_images, repeats=max(1, o.repeats // 2), weights_path=o.weights),
+}
+
+
+def run_benches(which: str, device: torch.device, options: BenchOptions) -> list[Row]:
+    """The rows of one benchmark, or of every one for "all"."""
+    names = list(BENCHES) if which == "all" else [which]
+    return [row for name in names for row in BENCHES[name](device, options)]
+
+
+def headline(rows: list[Row]) -> str:
+    """The last line of `cli.py bench`: every ratio but the memory ones."""
+    return "headline: " + "; ".join(f"{r.ratio_name} {r.ratio:.2f}x" for r in rows if r.unit != "MiB")

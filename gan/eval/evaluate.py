@@ -5,9 +5,10 @@ from pathlib import Path
 
 import torch
 
-from gan.checkpoint import CheckpointError, load_checkpoint
-from gan.config import Config, config_from_dict
-from gan.errors import UserError
+from gan.core.checkpoint import CheckpointError
+from gan.core.run_folder import load_checkpoint
+from gan.core.config import Config, config_from_dict
+from gan.core.errors import UserError
 from models.dcgan import build_models
 
 
@@ -33,9 +34,10 @@ def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.
 
 def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: str, reference: str | None,
                         grid: str | None, g_mode: str | None = None, progress: bool = True) -> dict:
-    from gan.tracking import image_grid
-    from gan.sampling import evaluator_from_config, generate, to_uint8
-    from gan.device import resolve_device
+    from gan.core.tracking import image_grid
+    from gan.eval.metrics import Evaluator
+    from gan.eval.sampling import generate, to_uint8
+    from gan.core.device import resolve_device
     from torchvision.utils import save_image
 
     device = resolve_device(device_name)
@@ -50,7 +52,7 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: s
     images = generate(G, n, cfg.model.z_dim, cfg.eval.seed, device, cfg.eval.batch_size, cfg.eval.g_mode)
     if grid:
         save_image(image_grid(images[:64]).float() / 255, grid)
-    evaluator = evaluator_from_config(cfg, device, progress=progress)
+    evaluator = Evaluator.from_config(cfg, device, progress=progress)
     result = {k: v if isinstance(v, int) else float(v) for k, v in evaluator.score(to_uint8(images)).items()}
     return {"checkpoint": str(checkpoint), "step": state["step"], "norm": cfg.model.norm,
             "generator": "ema" if state.get("ema") else "raw", "g_mode": cfg.eval.g_mode, "num_samples": n, **result}

@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torchvision.utils import make_grid, save_image
 
-from gan.checkpoint import atomic_write_text
+from gan.core.run_folder import RunFolder
 
 WANDB_MODES = ("auto", "online", "offline", "disabled")
 
@@ -63,32 +63,19 @@ def image_grid(images: torch.Tensor, nrow: int = 8) -> torch.Tensor:
 
 
 class RunLogger:
-    def __init__(self, run_dir: Path, config: dict, wandb_mode: str, project: str, resume_step: int | None):
-        self.run_dir = run_dir
-        self.metrics_path = run_dir / "metrics.jsonl"
-        self.samples_dir = run_dir / "samples"
+    def __init__(self, folder: RunFolder, config: dict, wandb_mode: str, project: str, resume_step: int | None):
+        self.folder = folder
+        self.run_dir = folder.path
+        self.metrics_path = folder.metrics_path
+        self.samples_dir = folder.samples_dir
         self.samples_dir.mkdir(parents=True, exist_ok=True)
         if resume_step is not None:
-            self._truncate_after(resume_step)
+            folder.truncate_metrics(resume_step)
         elif self.metrics_path.exists():
             self.metrics_path.unlink()
         self._wandb = None
         if wandb_mode != "disabled":
             self._wandb = self._start_wandb(config, wandb_mode, project)
-
-    def _truncate_after(self, step: int) -> None:
-        # Lines past the checkpoint were written by the part of the run that resume repeats.
-        if not self.metrics_path.exists():
-            return
-        keep = []
-        for line in self.metrics_path.read_text().splitlines():
-            try:
-                if json.loads(line)["step"] <= step:
-                    keep.append(line)
-            except (ValueError, KeyError, TypeError):
-                continue  # a line cut by a crash
-        # Via a temporary file: a kill during this rewrite must not lose the lines before the checkpoint.
-        atomic_write_text(self.metrics_path, "".join(l + "\n" for l in keep))
 
     def _start_wandb(self, config: dict, mode: str, project: str):
         try:

@@ -1,4 +1,4 @@
-"""Data parallelism under torchrun: process-group setup, a few collectives, and synchronized norms.
+"""Data parallelism under torchrun: process-group setup, a few collectives, and DDP.
 
 `torchrun --nproc_per_node N cli.py train ...` starts N processes; `setup()` joins them (NCCL on
 CUDA, one GPU per process at cuda:LOCAL_RANK; gloo on CPU). Every helper here is a no-op returning
@@ -7,24 +7,21 @@ its input when the job is a single process, so the Trainer calls them unconditio
 
 Control traffic (stop flags, config check, metrics, checkpoint state) goes through a gloo group on
 CPU tensors, so it never waits on the GPU; model synchronization (DDP, SyncBatchNorm, synchronized
-MN) uses the default group on the training device.
+MN, models/sync_norms.py) uses the default group on the training device.
 """
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import hashlib
 import json
-from typing import Iterator
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from gan.config import flatten
-from gan.errors import UserError
-from models.mixture_norm import sum_over_ranks
+from gan.core.config import flatten
+from gan.core.errors import UserError
 
 _control_group = None  # gloo group for host-side messages (the default group when it is gloo already)
 
@@ -217,102 +214,6 @@ def check_same_config(config: dict) -> None:
 
 
 # ---------------------------------------------------------------- models
-
-class SyncBatchNorm2d(nn.BatchNorm2d):
-    """BatchNorm2d with the statistics of the global batch under torchrun, on CUDA and on CPU.
-
-    On CUDA the maths is torch's SyncBatchNorm function (fused kernels, all_gather of per-rank
-    statistics). torch's refuses CPU tensors (and DDP refuses its module on CPU), so on CPU the
-    global mean and variance come from two differentiable all-reduces of per-channel sums; their
-    backward all-reduces the gradient of those sums, which makes the input gradient that of the
-    global batch. Outside training, with one process, or with `sync` off (see `local_norms`) it is
-    plain BatchNorm2d; the state_dict is BatchNorm2d's, so checkpoints load in either.
-    """
-
-    process_group = None
-    sync = True
-
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        if not (self.sync and self.training and is_distributed()):
-            return super().forward(input)
-        if input.device.type == "cpu":
-            return _cpu_sync_batch_norm(self, input)
-        return _cuda_sync_batch_norm(self, input)
-
-
-def _momentum(bn: nn.BatchNorm2d) -> float:
-    if not bn.track_running_stats:
-        return 0.0
-    bn.num_batches_tracked.add_(1)
-    return bn.momentum if bn.momentum is not None else 1.0 / float(bn.num_batches_tracked)
-
-
-def _cuda_sync_batch_norm(bn: SyncBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    from torch.nn.modules._functions import SyncBatchNorm as sync_batch_norm
-    group = bn.process_group or dist.group.WORLD
-    f = _momentum(bn)
-    running = (bn.running_mean, bn.running_var) if bn.track_running_stats else (None, None)
-    return sync_batch_norm.apply(x, bn.weight, bn.bias, *running, bn.eps, f, group, dist.get_world_size(group))
-
-
-def _cpu_sync_batch_norm(bn: SyncBatchNorm2d, x: torch.Tensor) -> torch.Tensor:
-    group = bn.process_group or dist.group.WORLD
-    c = x.shape[1]
-    dims = (0, 2, 3)
-    total = sum_over_ranks(torch.cat([x.sum(dims), x.new_full((1,), x.numel() // c)]), group)
-    n = total[c]
-    mean = total[:c] / n
-    xc = x - mean.view(1, c, 1, 1)
-    var = sum_over_ranks(xc.square().sum(dims), group) / n
-    y = xc * torch.rsqrt(var + bn.eps).view(1, c, 1, 1)
-    if bn.affine:
-        y = y * bn.weight.view(1, c, 1, 1) + bn.bias.view(1, c, 1, 1)
-    if bn.track_running_stats:
-        with torch.no_grad():
-            f = _momentum(bn)
-            unbiased = var * (n / (n - 1).clamp_min(1.0))
-            bn.running_mean.lerp_(mean.detach().to(bn.running_mean.dtype), f)
-            bn.running_var.lerp_(unbiased.detach().to(bn.running_var.dtype), f)
-    return y
-
-
-def sync_norms(module: nn.Module) -> nn.Module:
-    """BatchNorm2d -> SyncBatchNorm2d and synchronized MixtureNorm, in place; statistics are then
-    those of the global batch. Call before moving to the device and building optimizers."""
-    from models.mixture_norm import convert_sync_mixturenorm
-    convert_sync_mixturenorm(module)
-    _convert_batchnorms(module)
-    return module
-
-
-def _convert_batchnorms(module: nn.Module) -> None:
-    for name, child in module.named_children():
-        if type(child) is nn.BatchNorm2d:
-            like = next(iter([*child.parameters(), *child.buffers()]), None)
-            new = SyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                  child.track_running_stats, device=getattr(like, "device", None),
-                                  dtype=getattr(like, "dtype", None))
-            new.load_state_dict(child.state_dict())
-            new.train(child.training)
-            setattr(module, name, new)
-        else:
-            _convert_batchnorms(child)
-
-
-@contextlib.contextmanager
-def local_norms(module: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, module's norms use this process's batch only (no collectives): for
-    sampling on one rank, or on every rank with results that must not depend on the others."""
-    from models.mixture_norm import _MixtureNorm
-    switched = [m for m in module.modules() if isinstance(m, (SyncBatchNorm2d, _MixtureNorm)) and m.sync]
-    for m in switched:
-        m.sync = False
-    try:
-        yield module
-    finally:
-        for m in switched:
-            m.sync = True
-
 
 def wrap(module: nn.Module, device: torch.device, broadcast_buffers: bool) -> nn.Module:
     """DistributedDataParallel around module (gradients averaged over ranks); module itself alone."""

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 
-from gan.checkpoint import atomic_save
-from gan.errors import UserError
+from gan.core.checkpoint import atomic_save
+from gan.core.errors import UserError
 
 
 class MetricsError(UserError):

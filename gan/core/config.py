@@ -14,28 +14,67 @@ from typing import Literal, Optional
 
 import yaml
 
-from gan.errors import UserError
+from gan.core.errors import UserError
 
 
 class ConfigError(UserError):
     pass
 
 
+# ---------------------------------------------------------------- each key's roles, on its field
+#
+# A field's metadata says what else the key is, besides a value with a default:
+#   check       (predicate, what the value must be): a range rule, checked after the type
+#   resumable   True: may change when a run is resumed (length, logging, device, paths); the maths may not
+#   groups      False: never separates runs into groups in `compare` (seed, folder, settings that leave
+#               the maths alone); on a section, for every key in it
+#   must_match  True: `compare` refuses runs that differ in it (their numbers would not be comparable)
+#   mn_only     True: means something only when model.norm is mn (`compare` ignores it for other runs);
+#               on a section, for every key in it
+#   study       why a study file may not set it (the study sets it itself)
+# The lists the rest of the program uses (RESUMABLE_CHANGES here, compare's and study's) are derived
+# from these, so a new key is one line here.
+
+ROLE_DEFAULTS = {"check": None, "resumable": False, "groups": True, "must_match": False, "mn_only": False,
+                 "study": None}
+
+
+def key(default=dataclasses.MISSING, *, factory=None, **roles):
+    """A dataclass field with its roles (names from ROLE_DEFAULTS, see above) in its metadata."""
+    unknown = set(roles) - set(ROLE_DEFAULTS)
+    if unknown:
+        raise TypeError(f"unknown config key role(s): {', '.join(sorted(unknown))}")
+    if factory is not None:
+        return field(default_factory=factory, metadata=roles)
+    return field(default=default, metadata=roles)
+
+
+def at_least(n) -> tuple:
+    return (lambda v: v >= n, f">= {n}")
+
+
+POSITIVE = (lambda v: v > 0, "> 0")
+UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
+OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
+HALF_OPEN_UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+MN_LAYERS = (lambda v: all(0 <= i <= 2 for i in v), "a list of layer indices in 0..2")
+
+
 @dataclass
 class MNConfig:
     """Mixture Normalization options (see ../shared/docs/mixture-normalization.md)."""
-    num_components: int = 3
-    eps: float = 1e-5
-    momentum: float = 0.1
+    num_components: int = key(3, check=at_least(1))
+    eps: float = key(1e-5, check=POSITIVE)
+    momentum: float = key(0.1, check=UNIT)
     affine: bool = True
     track_running_stats: bool = True
-    em_steps: int = 1
-    em_samples: int = 4096
-    lambda_min: float = 1e-2
-    var_floor: float = 1e-4
+    em_steps: int = key(1, check=at_least(0))
+    em_samples: int = key(4096, check=at_least(2))
+    lambda_min: float = key(1e-2, check=OPEN_UNIT)
+    var_floor: float = key(1e-4, check=POSITIVE)
     prior_scaling: bool = True
     detach_posteriors: bool = True
-    dead_steps: int = 5  # steps below lambda_min before a component is re-seeded
+    dead_steps: int = key(5, check=at_least(1))  # steps below lambda_min before a component is re-seeded
     # joint: one C-dimensional diagonal mixture per layer, so a sample gets the same posteriors in every
     # channel. per_channel: one 1-D mixture per channel, posteriors per (sample, channel); costs about K
     # activation-sized tensors more memory per layer. K=1 is BatchNorm either way.
@@ -48,114 +87,115 @@ class MNConfig:
 
 @dataclass
 class ModelConfig:
-    z_dim: int = 100
-    ngf: int = 64
-    ndf: int = 64
+    z_dim: int = key(100, check=POSITIVE)
+    ngf: int = key(64, check=POSITIVE)
+    ndf: int = key(64, check=POSITIVE)
     norm: Literal["bn", "mn", "none"] = "bn"
     # Generator hidden layers (0 = 4x4, 1 = 8x8, 2 = 16x16) that use MN when norm is "mn"; the others keep BN.
-    mn_layers: list[int] = field(default_factory=lambda: [0, 1, 2])
+    mn_layers: list[int] = key(factory=lambda: [0, 1, 2], check=MN_LAYERS, mn_only=True)
     # Under torchrun: BN (generator and discriminator) and MN use the statistics of the global batch
     # (SyncBatchNorm, synchronized MN), so N processes compute what one process with the whole batch
     # would. false: each process normalizes with its own slice of the batch.
     sync_norm: bool = True
-    mn: MNConfig = field(default_factory=MNConfig)
+    mn: MNConfig = key(factory=MNConfig, mn_only=True)
 
 
 @dataclass
 class DataConfig:
     # cifar10: torchvision's CIFAR10 under `path`; folder: a folder or .zip of class folders of images.
-    source: Literal["cifar10", "folder"] = "cifar10"
-    path: str = "data"
-    split: Literal["train", "test"] = "train"
-    download: bool = True
+    source: Literal["cifar10", "folder"] = key("cifar10", must_match=True)
+    path: str = key("data", resumable=True, must_match=True)
+    split: Literal["train", "test"] = key("train", must_match=True)
+    download: bool = key(True, groups=False)
     hflip: bool = True
     # Resize + center-crop images that are not 32x32; off means such images are an error.
     resize: bool = True
     # Keep the decoded dataset as one uint8 tensor on the training device (CIFAR-10 is 150 MB), so that
     # a batch is an index into it; false: each batch is copied there from host memory. (On the CPU both
     # are the same memory.)
-    on_device: bool = True
+    on_device: bool = key(True, resumable=True, groups=False)
 
 
 @dataclass
 class TrainConfig:
-    steps: int = 50_000
+    steps: int = key(50_000, check=at_least(1), resumable=True, groups=False)
     # The global batch: under torchrun each of the N processes takes batch_size / N of it.
-    batch_size: int = 64
-    lr_g: float = 2e-4
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    d_steps: int = 1
-    ema_decay: float = 0.0  # 0 = off; e.g. 0.999
-    seed: int = 0
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = key(64, check=at_least(1))
+    lr_g: float = key(2e-4, check=POSITIVE)
+    lr_d: float = key(2e-4, check=POSITIVE)
+    beta1: float = key(0.5, check=HALF_OPEN_UNIT)
+    beta2: float = key(0.999, check=HALF_OPEN_UNIT)
+    d_steps: int = key(1, check=at_least(1))
+    ema_decay: float = key(0.0, check=HALF_OPEN_UNIT)  # 0 = off; e.g. 0.999
+    seed: int = key(0, groups=False, study="use seeds: [...] instead")
+    device: Literal["auto", "cpu", "cuda"] = key("auto", resumable=True, groups=False)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
     channels_last: bool = True
     # torch.compile G and D. compile_mode auto: "reduce-overhead" (CUDA graphs) on CUDA, torch's default
-    # on the CPU (gan/device.py says why).
-    compile: bool = False
+    # on the CPU (gan/core/device.py says why).
+    compile: bool = key(False, resumable=True, groups=False)
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune",
-                          "max-autotune-no-cudagraphs"] = "auto"
+                          "max-autotune-no-cudagraphs"] = key("auto", resumable=True, groups=False)
     # Adam's fused kernel: auto = on CUDA only; always = on any device (the CPU has it too); never.
-    fused_adam: Literal["auto", "always", "never"] = "auto"
+    fused_adam: Literal["auto", "always", "never"] = key("auto", resumable=True, groups=False)
     on_nan: Literal["stop", "skip"] = "stop"
     # CPU threads for torch (0 = torch's default).
-    threads: int = 0
+    threads: int = key(0, check=at_least(0), resumable=True, groups=False)
     # Under torchrun: seconds any process waits for the others (at start-up and in every collective)
     # before the job fails instead of hanging.
-    dist_timeout: int = 1800
+    dist_timeout: int = key(1800, check=at_least(1), resumable=True, groups=False)
 
 
 @dataclass
 class EvalConfig:
-    every: int = 5000  # 0 = never during training
-    num_samples: int = 10_000
+    every: int = key(5000, check=at_least(0), resumable=True, groups=False)  # 0 = never during training
+    num_samples: int = key(10_000, check=at_least(2), must_match=True)
     # "train" / "test": that split of the training source; anything else: a folder or .zip of real images.
-    reference: str = "train"
-    reference_samples: int = 0  # 0 = the whole reference set
+    reference: str = key("train", must_match=True)
+    reference_samples: int = key(0, check=at_least(0), must_match=True)  # 0 = the whole reference set
     g_mode: Literal["eval", "train"] = "eval"
     seed: int = 1234  # fixed noise, so successive evaluations are comparable
-    batch_size: int = 200
+    batch_size: int = key(200, check=at_least(1))
 
 
 @dataclass
 class MetricsConfig:
     inception_weights: Optional[str] = None
-    cache_dir: Optional[str] = None  # default: $TORCH_HOME/mngan
+    cache_dir: Optional[str] = key(None, resumable=True, groups=False)  # default: $TORCH_HOME/mngan
     # Try torch-fidelity's weights download (with IS) once per process, with a short timeout, when they
     # are not cached; otherwise, or when it fails, the offline conversion (FID/KID, no IS).
-    allow_download: bool = True
-    kid_subset_size: int = 1000
-    kid_subsets: int = 100
+    allow_download: bool = key(True, resumable=True, groups=False)
+    kid_subset_size: int = key(1000, check=at_least(2))
+    kid_subsets: int = key(100, check=at_least(1))
 
 
 @dataclass
 class LogConfig:
-    every: int = 100
-    sample_every: int = 1000
+    every: int = key(100, check=at_least(1), resumable=True)
+    sample_every: int = key(1000, check=at_least(0), resumable=True)
     # auto: online when wandb has credentials (WANDB_API_KEY or a stored `wandb login`), else offline;
     # never a login prompt. The run's first line says which mode it chose and why.
-    wandb: Literal["auto", "online", "offline", "disabled"] = "auto"
+    wandb: Literal["auto", "online", "offline", "disabled"] = key("auto", resumable=True)
     wandb_project: str = "mn-gan"
 
 
 @dataclass
 class CkptConfig:
-    every: int = 5000
-    keep: int = 3
+    every: int = key(5000, check=at_least(0), resumable=True)
+    keep: int = key(3, check=at_least(1), resumable=True)
 
 
 @dataclass
 class Config:
-    run_dir: Optional[str] = None  # default: runs/<norm>-seed<seed>
+    run_dir: Optional[str] = key(None, resumable=True, groups=False,  # default: runs/<norm>-seed<seed>
+                                 study="the study puts runs in OUT/<variant>-s<seed>")
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
-    log: LogConfig = field(default_factory=LogConfig)
-    ckpt: CkptConfig = field(default_factory=CkptConfig)
+    log: LogConfig = key(factory=LogConfig, groups=False)
+    ckpt: CkptConfig = key(factory=CkptConfig, groups=False)
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -168,47 +208,29 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-# Length, logging cadence and the device may change when a run is resumed; the maths may not.
-RESUMABLE_CHANGES = ("run_dir", "train.steps", "train.device", "train.threads", "log.every", "log.sample_every",
-                     "log.wandb", "ckpt.every", "ckpt.keep", "eval.every", "data.path", "data.on_device",
-                     "train.compile", "train.compile_mode", "train.fused_adam", "train.dist_timeout",
-                     "metrics.allow_download", "metrics.cache_dir")
+def _roles(cls, prefix: str = "", inherited: dict | None = None) -> dict[str, dict]:
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        roles = {**(inherited or ROLE_DEFAULTS), **f.metadata}
+        if dataclasses.is_dataclass(hints[f.name]):
+            out.update(_roles(hints[f.name], f"{prefix}{f.name}.", roles))
+        else:
+            out[prefix + f.name] = roles
+    return out
 
-# Range rules, checked after types. Each is (predicate, what the value must be).
-_RULES: dict[str, tuple] = {
-    "model.z_dim": (lambda v: v > 0, "> 0"),
-    "model.ngf": (lambda v: v > 0, "> 0"),
-    "model.ndf": (lambda v: v > 0, "> 0"),
-    "model.mn_layers": (lambda v: all(0 <= i <= 2 for i in v), "a list of layer indices in 0..2"),
-    "model.mn.num_components": (lambda v: v >= 1, ">= 1"),
-    "model.mn.eps": (lambda v: v > 0, "> 0"),
-    "model.mn.momentum": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "model.mn.em_steps": (lambda v: v >= 0, ">= 0"),
-    "model.mn.em_samples": (lambda v: v >= 2, ">= 2"),
-    "model.mn.lambda_min": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "model.mn.var_floor": (lambda v: v > 0, "> 0"),
-    "model.mn.dead_steps": (lambda v: v >= 1, ">= 1"),
-    "train.steps": (lambda v: v >= 1, ">= 1"),
-    "train.batch_size": (lambda v: v >= 1, ">= 1"),
-    "train.lr_g": (lambda v: v > 0, "> 0"),
-    "train.lr_d": (lambda v: v > 0, "> 0"),
-    "train.beta1": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train.beta2": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train.d_steps": (lambda v: v >= 1, ">= 1"),
-    "train.ema_decay": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "train.threads": (lambda v: v >= 0, ">= 0"),
-    "train.dist_timeout": (lambda v: v >= 1, ">= 1"),
-    "eval.every": (lambda v: v >= 0, ">= 0"),
-    "eval.num_samples": (lambda v: v >= 2, ">= 2"),
-    "eval.reference_samples": (lambda v: v >= 0, ">= 0"),
-    "eval.batch_size": (lambda v: v >= 1, ">= 1"),
-    "metrics.kid_subset_size": (lambda v: v >= 2, ">= 2"),
-    "metrics.kid_subsets": (lambda v: v >= 1, ">= 1"),
-    "log.every": (lambda v: v >= 1, ">= 1"),
-    "log.sample_every": (lambda v: v >= 0, ">= 0"),
-    "ckpt.every": (lambda v: v >= 0, ">= 0"),
-    "ckpt.keep": (lambda v: v >= 1, ">= 1"),
-}
+
+# Every dotted key (the names --set and messages use), in declaration order, with all its roles.
+KEY_ROLES: dict[str, dict] = _roles(Config)
+
+
+def keys_where(role: str, value=True) -> tuple[str, ...]:
+    """The dotted keys whose `role` is `value`, e.g. keys_where("groups", False)."""
+    return tuple(k for k, roles in KEY_ROLES.items() if roles[role] == value)
+
+
+RESUMABLE_CHANGES = keys_where("resumable")
+_RULES: dict[str, tuple] = {k: roles["check"] for k, roles in KEY_ROLES.items() if roles["check"]}
 
 
 def _type_name(tp) -> str:

@@ -1,4 +1,4 @@
-"""Checkpoints: atomic writes, safe loads, and finding the newest one that is whole.
+"""Checkpoint files: atomic writes, rotation, and safe loads (gan/core/run_folder.py finds a run's newest whole one).
 
 A checkpoint is a dict of tensors and plain Python values only, so `torch.load(weights_only=True)`
 can read it and nothing in a file is ever executed.
@@ -8,13 +8,12 @@ from __future__ import annotations
 import os
 import pickle
 import re
-import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-from gan.errors import UserError
+from gan.core.errors import UserError
 
 FORMAT_VERSION = 1
 _STEP_FILE = re.compile(r"^step_(\d+)\.pt$")
@@ -45,7 +44,6 @@ def atomic_save(obj, path: Path) -> None:
     try:
         with open(tmp, "wb") as f:
             torch.save(obj, f)
-            _test_hook_slow_write()
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -71,14 +69,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(text)
     os.replace(tmp, path)
-
-
-def _test_hook_slow_write() -> None:
-    # Lets the fault tests kill the process in the middle of a checkpoint write.
-    delay = os.environ.get("MNGAN_TEST_SLOW_CKPT_WRITE")
-    if delay:
-        import time
-        time.sleep(float(delay))
 
 
 def save_checkpoint(state: dict, ckpt_dir: Path, keep: int) -> Path:
@@ -129,8 +119,6 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
 def load_checkpoint(path: str | Path) -> dict:
     """Load and sanity-check a checkpoint; every failure is one CheckpointError line."""
     path = Path(path)
-    if path.is_dir():
-        path = _resolve_dir(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint not found: {path}")
     try:
@@ -161,22 +149,3 @@ def _refusal_reason(e: Exception) -> str:
         if "nsupported" in line:
             return line.split(". ")[0].rstrip(".")[:200]
     return "unsupported content"
-
-
-def _resolve_dir(path: Path) -> Path:
-    """A run folder or its checkpoints/ folder stands for its newest valid checkpoint."""
-    ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    found = latest_valid(ckpt_dir)
-    if found is None:
-        raise CheckpointError(f"no valid checkpoint in {ckpt_dir}")
-    return found[0]
-
-
-def latest_valid(ckpt_dir: Path) -> tuple[Path, dict] | None:
-    """Newest checkpoint that loads; broken ones are reported and skipped, never deleted."""
-    for path in list_checkpoints(ckpt_dir):
-        try:
-            return path, load_checkpoint(path)
-        except CheckpointError as e:
-            print(f"warning: skipping {e}", file=sys.stderr)
-    return None

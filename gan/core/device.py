@@ -11,7 +11,7 @@ from contextlib import nullcontext
 
 import torch
 
-from gan.errors import UserError
+from gan.core.errors import UserError
 
 # torch.compile's mode per device type. On CUDA a DCGAN step at batch 64 is a few milliseconds of many
 # small kernels, so launch overhead dominates: "reduce-overhead" replays the step as CUDA graphs. The

@@ -17,10 +17,11 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from models.mixture_norm import GMM, _MixtureNorm, fit_gmm
+from models.gmm import GMM, fit_gmm
+from models.mixture_norm import MixtureNorm
 
 # Every BN flavour (1d/2d/3d, SyncBatchNorm) and every MN flavour.
-NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, _MixtureNorm)
+NORM_LAYERS = (nn.modules.batchnorm._BatchNorm, MixtureNorm)
 
 
 def _samples(t: Tensor) -> Tensor:
@@ -80,7 +81,7 @@ def _mean_weights(lam: Tensor) -> list[float]:
 
 
 def _layer_gmm(layer: nn.Module, pre: Tensor, num_components: int) -> GMM:
-    if isinstance(layer, _MixtureNorm):
+    if isinstance(layer, MixtureNorm):
         if layer.track_running_stats:  # what eval mode uses
             return GMM(layer.running_lambda, layer.running_mu, layer.running_sigma2)
         return GMM(layer.gmm_lambda, layer.gmm_mu, layer.gmm_sigma2)
@@ -158,7 +159,7 @@ def diagnose(generator: nn.Module, z_dim: int, out_dir: Path, device, num_sample
                 gmm = _layer_gmm(layer, pre, num_components)
                 order = torch.argsort(skew.abs() * valid, descending=True)
                 chans = sorted(order[: min(channels, pre.shape[1])].tolist())
-                kind = "mn" if isinstance(layer, _MixtureNorm) else "bn"
+                kind = "mn" if isinstance(layer, MixtureNorm) else "bn"
                 safe = re.sub(r"[^A-Za-z0-9_-]+", "_", name) or "norm"
                 png = out_dir / f"layer{idx:02d}_{safe}.png"
                 title = f"{name} ({type(layer).__name__}; mixture: {'running GMM' if kind == 'mn' else f'K={num_components} GMM fitted by EM'})"

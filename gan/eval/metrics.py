@@ -28,8 +28,8 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from tqdm.auto import tqdm
 
-from gan.checkpoint import atomic_save
-from gan.inception import (InceptionExtractor, InceptionWeights, default_cache_dir,
+from gan.core.checkpoint import atomic_save
+from gan.eval.inception import (InceptionExtractor, InceptionWeights, default_cache_dir,
                            resolve_inception_weights)
 
 __all__ = ["InceptionWeights", "resolve_inception_weights", "Evaluator", "IS_UNAVAILABLE_MESSAGE"]
@@ -80,8 +80,7 @@ class Evaluator:
 
     def __init__(self, weights: InceptionWeights, device: torch.device, reference: Callable[[], torch.Tensor],
                  reference_id: str, cache_dir: str | None = None, batch_size: int = 200,
-                 kid_subset_size: int = DEFAULTS["kid_subset_size"], kid_subsets: int = DEFAULTS["kid_subsets"], verbose: bool = True,
-                 progress: bool = True):
+                 kid_subset_size: int = DEFAULTS["kid_subset_size"], kid_subsets: int = DEFAULTS["kid_subsets"], verbose: bool = True):
         if batch_size < 1 or kid_subset_size < 2 or kid_subsets < 1:
             raise ValueError("batch_size must be >= 1, kid_subset_size >= 2, kid_subsets >= 1")
         self.weights = weights
@@ -93,13 +92,31 @@ class Evaluator:
         self.kid_subset_size = int(kid_subset_size)
         self.kid_subsets = int(kid_subsets)
         self.verbose = verbose
-        self.progress = progress
         self.has_head = weights.has_head
         self._features_list = ["2048", "logits_unbiased"] if self.has_head else ["2048"]
         self._model: InceptionExtractor | None = None
         self._ref: dict | None = None
         if not self.has_head:
             _report_is_unavailable()
+
+    @classmethod
+    def from_config(cls, cfg, device: torch.device, train_data=None, progress: bool = True) -> "Evaluator":
+        """The Evaluator a run's config describes: its Inception weights (metrics.*), reference images
+        (eval.reference, eval.reference_samples) and metric settings. `train_data`: a callable returning
+        the training ImageData already in memory, used when the reference is the training set."""
+        from gan.core import distributed
+        from gan.eval.reference import build_reference
+        m = cfg.metrics
+
+        def resolve():
+            return resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
+        # Under torchrun rank 0 first: it may convert or download the weights into the cache the others then read.
+        weights = distributed.on_main(resolve)
+        if not distributed.is_main():
+            weights = resolve()
+        load, ident = build_reference(cfg, train_data, progress)
+        return cls(weights, device, load, ident, cache_dir=m.cache_dir, batch_size=cfg.eval.batch_size,
+                   kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress)
 
     @property
     def model(self) -> InceptionExtractor:
@@ -120,7 +137,7 @@ class Evaluator:
         step = self._forward_batch_size()
         feats, logits = [], []
         with torch.inference_mode(), tqdm(total=n, desc=desc, unit="img", leave=False,
-                                          disable=not (self.verbose and self.progress)) as bar:
+                                          disable=not self.verbose) as bar:
             for start in range(0, n, step):
                 batch = images[start:start + step].to(self.device, non_blocking=True)
                 out = self.model(batch)

@@ -1,0 +1,142 @@
+"""compare's report: the markdown table and the curves figure, from the result dict compare_runs builds."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Optional
+
+
+def _num(v: Optional[float], fmt: str) -> str:
+    return "–" if v is None else format(v, fmt)
+
+
+def _mean_pm(stat: dict, fmt: str) -> str:
+    if stat["mean"] is None:
+        return "–"
+    text = format(stat["mean"], fmt)
+    return text if stat["std"] is None else f"{text} ± {format(stat['std'], fmt)}"
+
+
+def _to_target(stat: dict, fmt: str, scale: float = 1.0) -> str:
+    if stat["reached"] == 0:
+        return "not reached"
+    scaled = {"mean": stat["mean"] / scale, "std": None if stat["std"] is None else stat["std"] / scale}
+    text = _mean_pm(scaled, fmt)
+    return text if stat["reached"] == stat["of"] else f"{text} ({stat['reached']}/{stat['of']} reached)"
+
+
+def _speedup(group: dict, kind: str, is_baseline: bool) -> str:
+    value, spread = group[f"speedup_{kind}"], group[f"speedup_{kind}_range"]
+    if value is None:
+        return "–"
+    if is_baseline or spread is None:
+        return f"{value:.2f}×"
+    return f"{value:.2f}× ({spread[0]:.2f}–{spread[1]:.2f})"
+
+
+def _time_unit(seconds: float) -> tuple[str, float]:
+    if seconds >= 3 * 3600:
+        return "h", 3600.0
+    if seconds >= 180:
+        return "min", 60.0
+    return "s", 1.0
+
+
+def markdown(result: dict) -> str:
+    fmt = ".2f" if result["metric"] == "fid" else ".4f"
+    name = result["metric"].upper() + ("" if result["metric"] == "fid" else " (kid_mean)")
+    times = [g["time_to_target"]["mean"] for g in result["groups"] if g["time_to_target"]["mean"] is not None]
+    unit, scale = _time_unit(max(times, default=0.0))
+    lines = [
+        f"# {name}: {len(result['groups'])} groups, {sum(len(g['runs']) for g in result['groups'])} runs",
+        "",
+        f"Target {name} {_num(result['target'], fmt)} ({result['target_source']}); "
+        f"speed-ups are relative to **{result['baseline']}** (its steps / time to target divided by the group's).",
+        "",
+        f"| group | seeds | best {result['metric']} | step of best | final {result['metric']} | steps to target "
+        f"| time to target ({unit}) | speed-up (steps) | speed-up (time) | s/step |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for g in result["groups"]:
+        seeds = ", ".join(f"{r['seed']}*" if r["in_progress"] else str(r["seed"]) for r in g["runs"])
+        lines.append("| " + " | ".join([
+            g["label"], seeds, _mean_pm(g["best"], fmt), ", ".join(map(str, g["best_step"])),
+            _mean_pm(g["final"], fmt), _to_target(g["steps_to_target"], ".0f"),
+            _to_target(g["time_to_target"], ".1f", scale) if g["time_to_target"]["reached"]
+            or not g["steps_to_target"]["reached"] else "–",  # "–": metrics.jsonl without train_time
+            _speedup(g, "steps", g["label"] == result["baseline"]),
+            _speedup(g, "time", g["label"] == result["baseline"]),
+            _mean_pm(g["sec_per_step"], ".3f"),
+        ]) + " |")
+    lines += ["", "Mean ± std over seeds. Steps to target: per seed, the first evaluation step with "
+              f"{result['metric_key']} <= target. Speed-up: the baseline's mean over the group's mean; in "
+              "brackets, the lowest and highest ratio over all pairs of a baseline seed and a group seed "
+              "that both reached the target."]
+    if any(g["in_progress"] for g in result["groups"]):
+        lines.append("`*` still in progress (last logged step < train.steps): numbers so far.")
+    if any(0 < g["steps_to_target"]["reached"] < g["steps_to_target"]["of"] for g in result["groups"]):
+        lines.append("(k/n reached): the mean is over the seeds that reached the target; the others never did.")
+    for note in result["notes"]:
+        lines.append(note)
+    lines += ["", "Each evaluation:", "", _per_eval_table(result, fmt), "", "Runs:"]
+    for g in result["groups"]:
+        lines.append(f"- {g['label']}: " + ", ".join(f"`{r['run']}` (step {r['last_step']}/{r['steps']})"
+                                                      for r in g["runs"]))
+    if result["skipped"]:
+        lines.append("- skipped: " + ", ".join(f"`{s['run']}` ({s['reason']})" for s in result["skipped"]))
+    return "\n".join(lines) + "\n"
+
+
+def _per_eval_table(result: dict, fmt: str) -> str:
+    runs = [r for g in result["groups"] for r in g["runs"]]
+    values = [dict(r["evals"]) for r in runs]
+    steps = sorted({s for v in values for s in v})
+    rows = ["| step | " + " | ".join(Path(r["run"]).name for r in runs) + " |", "|---" * (len(runs) + 1) + "|"]
+    for s in steps:
+        rows.append(f"| {s} | " + " | ".join(_num(v.get(s), fmt) for v in values) + " |")
+    return "\n".join(rows)
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(13, 5))
+    all_vals = [v for g in result["groups"] for v in g["curve"]["min"] + g["curve"]["max"]]
+    log_y = min(all_vals) > 0 and max(all_vals) / min(all_vals) > 4
+    max_t = max((t for g in result["groups"] for t in g["curve"]["train_time"] if t is not None), default=0.0)
+    unit, scale = _time_unit(max_t)
+    for i, g in enumerate(result["groups"]):
+        c = g["curve"]
+        colour = f"C{i % 10}"
+        label = f"{g['label']} ({len(g['runs'])} seed{'s' if len(g['runs']) != 1 else ''}" + \
+                (", in progress)" if g["in_progress"] else ")")
+        ax_s.plot(c["step"], c["mean"], "o-", ms=3, color=colour, label=label)
+        ax_s.fill_between(c["step"], c["min"], c["max"], color=colour, alpha=0.2, lw=0)
+        pts = [(t / scale, m, lo, hi) for t, m, lo, hi in zip(c["train_time"], c["mean"], c["min"], c["max"])
+               if t is not None]
+        if pts:
+            t, m, lo, hi = map(list, zip(*pts))
+            ax_t.plot(t, m, "o-", ms=3, color=colour, label=label)
+            ax_t.fill_between(t, lo, hi, color=colour, alpha=0.2, lw=0)
+    ylabel = result["metric_key"] + (" (log scale)" if log_y else "")
+    for ax, xlabel in ((ax_s, "training step"), (ax_t, f"training time ({unit}, evaluation excluded)")):
+        if result["target"] is not None:
+            ax.axhline(result["target"], color="grey", ls="--", lw=1, label=f"target {result['target']:.4g}")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    ax_s.set_title(f"{result['metric_key']} vs step (mean, band = min..max over seeds)")
+    ax_t.set_title(f"{result['metric_key']} vs wall-clock training time")
+    ax_s.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
