@@ -1,4 +1,4 @@
-"""Tests for gan.metrics / gan.inception (CPU, offline).
+"""Tests for gan/eval/metrics.py and gan/eval/inception.py (CPU, offline).
 
 The Inception forward costs ~50 ms per image and torch-fidelity's FID (scipy sqrtm of a 2048x2048 matrix) ~10-20 s
 per call on a 2-core CPU, so the expensive work (conversion, two scores) happens once in a module fixture, and the
