@@ -1,6 +1,7 @@
 """compare's report: the markdown table and the curves figure, from the result dict compare_runs builds."""
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Optional
@@ -102,23 +103,29 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(13, 5))
+    groups = result["groups"]
+    # Past a handful of groups the legend would cover the curves: it goes below both panels instead.
+    legend_rows = math.ceil((len(groups) + 1) / 2) if len(groups) > 5 else 0
+    fig, (ax_s, ax_t) = plt.subplots(1, 2, figsize=(13, 5 + 0.22 * legend_rows))
     all_vals = [v for g in result["groups"] for v in g["curve"]["min"] + g["curve"]["max"]]
     log_y = min(all_vals) > 0 and max(all_vals) / min(all_vals) > 4
     max_t = max((t for g in result["groups"] for t in g["curve"]["train_time"] if t is not None), default=0.0)
     unit, scale = _time_unit(max_t)
-    for i, g in enumerate(result["groups"]):
+    for i, g in enumerate(groups):
         c = g["curve"]
-        colour = f"C{i % 10}"
+        # Matplotlib's cycle has ten colours: past ten groups, twenty colours and a second marker, so that
+        # no two curves look alike.
+        colour = f"C{i}" if len(groups) <= 10 else plt.get_cmap("tab20")(i % 20)
+        style = "o-" if i < 10 or len(groups) <= 10 else "s--"
         label = f"{g['label']} ({len(g['runs'])} seed{'s' if len(g['runs']) != 1 else ''}" + \
                 (", in progress)" if g["in_progress"] else ")")
-        ax_s.plot(c["step"], c["mean"], "o-", ms=3, color=colour, label=label)
+        ax_s.plot(c["step"], c["mean"], style, ms=3, color=colour, label=label)
         ax_s.fill_between(c["step"], c["min"], c["max"], color=colour, alpha=0.2, lw=0)
         pts = [(t / scale, m, lo, hi) for t, m, lo, hi in zip(c["train_time"], c["mean"], c["min"], c["max"])
                if t is not None]
         if pts:
             t, m, lo, hi = map(list, zip(*pts))
-            ax_t.plot(t, m, "o-", ms=3, color=colour, label=label)
+            ax_t.plot(t, m, style, ms=3, color=colour, label=label)
             ax_t.fill_between(t, lo, hi, color=colour, alpha=0.2, lw=0)
     ylabel = result["metric_key"] + (" (log scale)" if log_y else "")
     for ax, xlabel in ((ax_s, "training step"), (ax_t, f"training time ({unit}, evaluation excluded)")):
@@ -131,8 +138,12 @@ def plot(result: dict, path: Path) -> None:
         ax.grid(alpha=0.3)
     ax_s.set_title(f"{result['metric_key']} vs step (mean, band = min..max over seeds)")
     ax_t.set_title(f"{result['metric_key']} vs wall-clock training time")
-    ax_s.legend(fontsize=8)
-    fig.tight_layout()
+    if legend_rows:
+        fig.legend(*ax_s.get_legend_handles_labels(), loc="lower center", ncol=2, fontsize=8, frameon=False)
+        fig.tight_layout(rect=(0, 0.22 * legend_rows / (5 + 0.22 * legend_rows), 1, 1))
+    else:
+        ax_s.legend(fontsize=8)
+        fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
