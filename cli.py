@@ -43,6 +43,14 @@ def user_errors(fn):
     return click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")(wrapper)
 
 
+def _float_list(ctx, param, value: str) -> tuple[float, ...]:
+    """click callback: "250,150" -> (250.0, 150.0); a one-line usage error otherwise."""
+    try:
+        return tuple(float(v) for v in value.split(",") if v.strip())
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, e.g. 250,150,120,100; got {value!r}")
+
+
 def _is_main_process() -> bool:
     import os
     return os.environ.get("RANK", "0") == "0"  # torchrun's global rank (the process group may be gone)
@@ -227,6 +235,9 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, json_file):
               help="Metric to compare (kid uses kid_mean); fid writes compare.*, kid writes compare-kid.*.")
 @click.option("--target", type=float,
               help="Metric value for 'steps to target' [default: the baseline group's best, mean over seeds].")
+@click.option("--also-at", metavar="V1,V2,...", callback=_float_list, default="",
+              help="More metric values (comma-separated, e.g. 250,150,120,100 for FID): a second table of "
+                   "steps to each and speed-ups at each.")
 @click.option("--baseline", metavar="LABEL|RUN",
               help="Group the speed-ups are relative to: a group label or one of its run folders "
                    "[default: the bn group].")
@@ -234,7 +245,7 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, json_file):
 @click.option("--common-steps", is_flag=True,
               help="Only evaluations up to the last step every run reached (runs of unequal length).")
 @user_errors
-def compare(run_dirs, out, metric, target, baseline, force, common_steps):
+def compare(run_dirs, out, metric, target, also_at, baseline, force, common_steps):
     """Compare runs: metric curves (PNG), a markdown table and JSON.
 
     RUN_DIR is a run folder (config.yaml + metrics.jsonl), or a folder of run folders such as a study's
@@ -251,7 +262,7 @@ def compare(run_dirs, out, metric, target, baseline, force, common_steps):
     """
     from gan.tools.compare import compare_runs
     result = compare_runs(run_dirs, out, metric, target, force, baseline,
-                          warn=lambda m: click.echo(m, err=True), common_steps=common_steps)
+                          warn=lambda m: click.echo(m, err=True), common_steps=common_steps, also_at=also_at)
     click.echo(result.markdown)
     click.echo(f"wrote {', '.join(str(f) for f in result.files)}")
 

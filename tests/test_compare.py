@@ -126,6 +126,36 @@ def test_compare_cli_kid_target_and_labels(study_runs, tmp_path):
     assert "| norm=mn, mn.num_components=2 | 0 | 0.0390 |" in r.output
 
 
+def test_speedups_at_extra_targets(study_runs, tmp_path):
+    """--also-at: steps to each extra target and the speed-ups there, per group, beside the main table.
+    FID <= 100: bn at 1000 and 2000 (100 s, 200 s), mn at 1000 twice (200 s each): 1.5x in steps, 0.75x in time.
+    FID <= 60: bn at 2000 and 3000, mn at 2000 twice: 1.25x, pairs 1.0-1.5. FID <= 35: bn never, mn seed 0."""
+    out = tmp_path / "cmp"
+    r = CliRunner().invoke(cli, ["compare", str(study_runs[0].parent), "--out", str(out), "--also-at", "100, 60,35"])
+    assert r.exit_code == 0, r.output
+    data = json.loads((out / "compare.json").read_text())
+    assert data["target"] == pytest.approx(42)  # the main table keeps BN's best
+    assert [a["target"] for a in data["at_targets"]] == [100, 60, 35]
+    at100, at60, at35 = ({g["label"]: g for g in a["groups"]} for a in data["at_targets"])
+    assert at100["norm=bn"]["steps_to_target"]["mean"] == 1500 and at100["norm=mn"]["steps_to_target"]["mean"] == 1000
+    assert at100["norm=mn"]["speedup_steps"] == pytest.approx(1.5)
+    assert at100["norm=mn"]["speedup_time"] == pytest.approx(0.75)
+    assert at60["norm=mn"]["speedup_steps"] == pytest.approx(1.25)
+    assert at60["norm=mn"]["speedup_steps_range"] == pytest.approx([1.0, 1.5])
+    assert at35["norm=bn"]["steps_to_target"]["reached"] == 0
+    assert at35["norm=mn"]["steps_to_target"]["reached"] == 1 and at35["norm=mn"]["speedup_steps"] is None
+    assert "| group | fid ≤ 100.00 | fid ≤ 60.00 | fid ≤ 35.00 |" in r.output
+    assert "| norm=mn | 1000 ± 0 · 1.50× (1.00–2.00) / 0.75× | 2000 ± 0 · 1.25× (1.00–1.50) / " in r.output
+    assert "| norm=bn | 1500 ± 707 | 2500 ± 707 | not reached |" in r.output
+
+
+@pytest.mark.parametrize("value", ["100,abc", "nan"])
+def test_bad_extra_targets_are_one_line_errors(study_runs, tmp_path, value):
+    r = CliRunner().invoke(cli, ["compare", str(study_runs[0].parent), "--out", str(tmp_path), "--also-at", value])
+    assert r.exit_code != 0 and "Traceback" not in r.output
+    assert "comma-separated numbers" in r.output or "finite numbers" in r.output
+
+
 def test_runs_of_different_lengths_and_in_progress(tmp_path):
     root = tmp_path / "runs"
     runs = [

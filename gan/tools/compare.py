@@ -16,7 +16,7 @@ import os
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from gan.core.config import Config, flatten, keys_where
 from gan.core.errors import UserError
@@ -267,6 +267,19 @@ def _ratio_range(base_runs: list[dict], runs: list[dict], key: str) -> Optional[
     return [min(ratios), max(ratios)] if ratios else None
 
 
+def _add_speedups(numbers: list[dict], base_index: int) -> None:
+    b = numbers[base_index]
+    for n in numbers:
+        n["speedup_steps"] = _ratio(b["steps_to_target"]["mean"], n["steps_to_target"]["mean"])
+        n["speedup_time"] = _ratio(b["time_to_target"]["mean"], n["time_to_target"]["mean"])
+        n["speedup_steps_range"] = _ratio_range(b["runs"], n["runs"], "steps_to_target")
+        n["speedup_time_range"] = _ratio_range(b["runs"], n["runs"], "time_to_target")
+
+
+AT_TARGET_KEYS = ("label", "steps_to_target", "time_to_target", "speedup_steps", "speedup_time",
+                  "speedup_steps_range", "speedup_time_range")
+
+
 # ---------------------------------------------------------------- entry point
 
 @dataclass
@@ -283,13 +296,17 @@ def default_out(runs: list[Path]) -> Path:
 
 def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", target: Optional[float] = None,
                  force: bool = False, baseline: Optional[str] = None,
-                 warn: Callable[[str], None] = lambda m: None, common_steps: bool = False) -> CompareResult:
+                 warn: Callable[[str], None] = lambda m: None, common_steps: bool = False,
+                 also_at: Sequence[float] = ()) -> CompareResult:
     """Read the runs, group them, write compare[-kid].{md,json,png} to `out`; see the module docstring.
 
     common_steps: only the evaluations up to the last step that every run reached, so that runs stopped
-    at different steps (a time budget) are judged over the same training."""
+    at different steps (a time budget) are judged over the same training.
+    also_at: more metric values at which to report steps to target and speed-ups (a second table)."""
     if metric not in METRICS:
         raise CompareError(f"compare: metric must be one of {', '.join(METRICS)}, got {metric!r}")
+    if not all(_finite(t) for t in also_at):
+        raise CompareError(f"compare: the extra targets must be finite numbers, got {list(also_at)}")
     metric_key = METRICS[metric]
     paths = expand_run_dirs(run_dirs)
     if not paths:
@@ -327,12 +344,13 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
         target = base_numbers["best"]["mean"]
         target_source = f"the best {metric_key} of {base.label}, mean over its seeds"
     numbers = [group_numbers(g, target) for g in groups]
-    b = numbers[groups.index(base)]
-    for n in numbers:
-        n["speedup_steps"] = _ratio(b["steps_to_target"]["mean"], n["steps_to_target"]["mean"])
-        n["speedup_time"] = _ratio(b["time_to_target"]["mean"], n["time_to_target"]["mean"])
-        n["speedup_steps_range"] = _ratio_range(b["runs"], n["runs"], "steps_to_target")
-        n["speedup_time_range"] = _ratio_range(b["runs"], n["runs"], "time_to_target")
+    _add_speedups(numbers, groups.index(base))
+    # The same steps-to-target and speed-ups at other targets (e.g. looser FIDs that every group reaches).
+    at_targets = []
+    for t in also_at:
+        at = [group_numbers(g, t) for g in groups]
+        _add_speedups(at, groups.index(base))
+        at_targets.append({"target": t, "groups": [{k: n[k] for k in AT_TARGET_KEYS} for n in at]})
 
     notes = []
     sources = {str(r.flat.get(k)) for r in kept for k in ("data.path", "eval.reference")}
@@ -345,7 +363,7 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
         "common_steps_upto": upto,
         "metric": metric, "metric_key": metric_key, "target": target, "target_source": target_source,
         "baseline": base.label, "grouping_keys": differing, "notes": notes,
-        "skipped": skipped, "groups": numbers,
+        "skipped": skipped, "groups": numbers, "at_targets": at_targets,
     }
     text = markdown(result)
     out = Path(out) if out is not None else default_out(paths)

@@ -79,6 +79,8 @@ def markdown(result: dict) -> str:
         lines.append("(k/n reached): the mean is over the seeds that reached the target; the others never did.")
     for note in result["notes"]:
         lines.append(note)
+    if result.get("at_targets"):
+        lines += ["", _at_targets_table(result, fmt)]
     lines += ["", "Each evaluation:", "", _per_eval_table(result, fmt), "", "Runs:"]
     for g in result["groups"]:
         lines.append(f"- {g['label']}: " + ", ".join(f"`{r['run']}` (step {r['last_step']}/{r['steps']})"
@@ -86,6 +88,24 @@ def markdown(result: dict) -> str:
     if result["skipped"]:
         lines.append("- skipped: " + ", ".join(f"`{s['run']}` ({s['reason']})" for s in result["skipped"]))
     return "\n".join(lines) + "\n"
+
+
+def _at_targets_table(result: dict, fmt: str) -> str:
+    """Per group and extra target: steps to target, then the speed-up in steps and in training time."""
+    metric, base = result["metric"], result["baseline"]
+    rows = [f"Steps to reach other targets, and speed-up vs **{base}** in steps / in training time:", "",
+            "| group | " + " | ".join(f"{metric} ≤ {_num(a['target'], fmt)}" for a in result["at_targets"]) + " |",
+            "|---" * (len(result["at_targets"]) + 1) + "|"]
+    for i, g in enumerate(result["groups"]):
+        cells = []
+        for a in result["at_targets"]:
+            n = a["groups"][i]
+            cell = _to_target(n["steps_to_target"], ".0f")
+            if n["steps_to_target"]["reached"] and g["label"] != base:
+                cell += f" · {_speedup(n, 'steps', False)} / {_speedup(n, 'time', True)}"
+            cells.append(cell)
+        rows.append(f"| {g['label']} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
 
 
 def _per_eval_table(result: dict, fmt: str) -> str:
