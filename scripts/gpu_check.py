@@ -29,9 +29,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-# Full-size numbers on a GPU; tiny ones for --cpu-dry-run, which CI runs to test this script.
+# Full-size numbers on a GPU; tiny ones for --cpu-dry-run, which CI runs to test this script. The GPU probe
+# trains 10 runs at once (5 BN, 5 MN), one more than the 9 of configs/study-gpu-runs.yaml, so that MN's
+# measured step time errs slow and the study sized from it errs on the safe side.
 SIZES = {
-    "gpu": {"fid_samples": [10_000, 50_000], "probe_minutes": 0.75, "jobs": 6, "bench": ["--repeats", "3"],
+    "gpu": {"fid_samples": [10_000, 50_000], "probe_minutes": 0.75, "jobs": 10, "bench": ["--repeats", "3"],
             "probe_set": []},
     "dry": {"fid_samples": [64], "probe_minutes": 0.4, "jobs": 2,
             "bench": ["--steps", "2", "--repeats", "1", "--ngf", "16", "--eval-images", "16"],
