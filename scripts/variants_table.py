@@ -1,0 +1,103 @@
+"""The one-table summary of the MN variants study (issue 15), from files the study's tools wrote.
+
+    python scripts/variants_table.py docs/study-mn-variants \
+        --bench docs/study-mn-variants/bench-norm-ngf32-a.json docs/study-mn-variants/bench-norm-ngf32-b.json \
+        --diagnose docs/study-mn-variants/diagnose
+
+Reads compare.json and compare-kid.json (`cli.py compare ... --also-at ...`) in the folder, the
+`cli.py bench norm --json` files (their MN/BN step-time ratio per variant, one column entry per file),
+and `cli.py diagnose` outputs saved as <run>.txt (the overlap column per layer). Prints a markdown
+table sorted by best KID; it computes nothing that those tools did not already report.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from pathlib import Path
+
+# compare's group label -> (name in the table, bench norm's variant name or None, run-folder prefix)
+VARIANTS = {
+    "norm=bn": ("BN", None, "bn"),
+    "norm=mn": ("full MN (the spec's defaults)", "joint/warm", "mn"),
+    "norm=mn, mn_layers=[0, 1]": ("MN in layers 0, 1 only", "layers 0,1", "mn-layer01"),
+    "norm=mn, mn_layers=[0]": ("MN in layer 0 only", "layer 0", "mn-layer0"),
+    "norm=mn, mn.posteriors=per_channel": ("per-channel posteriors", "per_channel", "mn-pc"),
+    "norm=mn, mn.num_components=2": ("K = 2", "K=2", "mn-k2"),
+    "norm=mn, mn.prior_scaling=false": ("no 1/sqrt(lambda) gain", None, "mn-noprior"),
+    "norm=mn, mn.detach_posteriors=false": ("gradients through the posteriors", "grad through posteriors",
+                                            "mn-gradpost"),
+    "norm=mn, mn.lambda_min=0.1": ("lambda floor 0.1", None, "mn-lmin"),
+    "norm=mn, mn.em_steps=5, mn.fit=fresh": ("fresh fit every step (5 EM iterations)", "fresh", "mn-fresh"),
+    "norm=mn, mn.em_steps=5, mn.posteriors=per_channel, mn.fit=fresh": ("per-channel + fresh fit",
+                                                                         "per_channel+fresh", "mn-pc-fresh"),
+}
+
+
+def step_time(benches: list[list[dict]], variant: str | None) -> str:
+    if variant is None:
+        return "–"
+    name = "MN/BN step time" + ("" if variant == "joint/warm" else f", {variant}")
+    ratios = [r["ratio"] for rows in benches for r in rows if r["ratio_name"] == name]
+    return " / ".join(f"{v:.2f}×" for v in ratios) or "–"
+
+
+def overlaps(diagnose: Path | None, prefix: str) -> str:
+    """Per seed: layer 0/1/2 overlap, from diagnose's printed table (column 7 of the layer rows)."""
+    if diagnose is None:
+        return "–"
+    out = []
+    for f in sorted(diagnose.glob(f"{prefix}-s*.txt")):
+        if re.fullmatch(re.escape(prefix) + r"-s\d+", f.stem):
+            rows = [line.split() for line in f.read_text().splitlines() if re.match(r"\s*\d+\s+net\.", line)]
+            out.append("/".join(r[6] for r in rows))
+    return "; ".join(out) or "–"
+
+
+def mean_pm(stat: dict, fmt: str) -> str:
+    if stat["mean"] is None:
+        return "–"
+    return format(stat["mean"], fmt) + ("" if stat["std"] is None else " ± " + format(stat["std"], fmt))
+
+
+def to_target(n: dict, is_baseline: bool) -> str:
+    st = n["steps_to_target"]
+    if st["reached"] == 0:
+        return "not reached"
+    cell = f"{st['mean']:.0f}" + ("" if st["reached"] == st["of"] else f" ({st['reached']}/{st['of']} seeds)")
+    if not is_baseline and n["speedup_steps"] is not None:
+        cell += f" ({n['speedup_steps']:.2f}×)"
+    return cell
+
+
+def table(folder: Path, benches: list[list[dict]], diagnose: Path | None) -> str:
+    fid = json.loads((folder / "compare.json").read_text())
+    kid = {g["label"]: g for g in json.loads((folder / "compare-kid.json").read_text())["groups"]}
+    ats = fid.get("at_targets", [])
+    head = (["variant", "seeds", "best KID", "best FID", "step of best KID"]
+            + [f"steps to FID {a['target']:g} (speed-up)" for a in ats]
+            + [f"steps to BN's best FID, {fid['target']:.1f} (speed-up)", "MN/BN step time", "overlap, layers 0/1/2"])
+    lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
+    for g in sorted(fid["groups"], key=lambda g: kid[g["label"]]["best"]["mean"]):
+        name, bench_name, prefix = VARIANTS.get(g["label"], (g["label"], None, None))
+        k, base = kid[g["label"]], g["label"] == fid["baseline"]
+        seeds = ", ".join(f"{r['seed']}*" if r["in_progress"] else str(r["seed"]) for r in g["runs"])
+        at = [next(n for n in a["groups"] if n["label"] == g["label"]) for a in ats] + [g]
+        cells = [name, seeds, mean_pm(k["best"], ".4f"), mean_pm(g["best"], ".1f"),
+                 ", ".join(map(str, k["best_step"]))] + [to_target(n, base) for n in at]
+        cells += [step_time(benches, bench_name), overlaps(diagnose, prefix) if prefix else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folder", type=Path, help="holds compare.json and compare-kid.json")
+    ap.add_argument("--bench", nargs="*", type=Path, default=[], help="`bench norm --json` files")
+    ap.add_argument("--diagnose", type=Path, help="folder of `diagnose` outputs saved as <run>.txt")
+    args = ap.parse_args()
+    print(table(args.folder, [json.loads(p.read_text()) for p in args.bench], args.diagnose))
+
+
+if __name__ == "__main__":
+    main()
