@@ -356,8 +356,8 @@ def test_shipped_study_files_plan_the_issue_runs(monkeypatch):
     assert base.eval.reference == "../shared/data/cifar10-jpeg75-test.zip" and base.data.source == "folder"
     gpu = load_study("configs/study-gpu-runs.yaml")
     assert [r.name for r in gpu.runs] == ["bn-s0", "bn-s1", "bn-s2", "mn-s0", "mn-s1", "mn-s2",
-                                          "mn-layer01-s0", "mn-layer01-s1", "mn-layer01-s2"]
-    assert gpu.runs[6].config.model.mn_layers == [0, 1] and gpu.runs[3].config.model.mn_layers == [0, 1, 2]
+                                          "mn-layer0-s0", "mn-layer0-s1", "mn-layer0-s2"]
+    assert gpu.runs[6].config.model.mn_layers == [0] and gpu.runs[3].config.model.mn_layers == [0, 1, 2]
     g = gpu.runs[0].config
     assert (g.model.ngf, g.model.ndf, g.train.batch_size) == (64, 64, 64)
     assert g.eval.num_samples == 10_000 and g.eval.reference == "train" and g.eval.reference_samples == 0
