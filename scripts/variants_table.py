@@ -14,7 +14,11 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gan.tools.compare_report import _mean_pm, _to_target  # noqa: E402  (compare's own cell formats)
 
 # compare's group label -> (name in the table, bench norm's variant name or None, run-folder prefix)
 VARIANTS = {
@@ -54,18 +58,9 @@ def overlaps(diagnose: Path | None, prefix: str) -> str:
     return "; ".join(out) or "–"
 
 
-def mean_pm(stat: dict, fmt: str) -> str:
-    if stat["mean"] is None:
-        return "–"
-    return format(stat["mean"], fmt) + ("" if stat["std"] is None else " ± " + format(stat["std"], fmt))
-
-
 def to_target(n: dict, is_baseline: bool) -> str:
-    st = n["steps_to_target"]
-    if st["reached"] == 0:
-        return "not reached"
-    cell = f"{st['mean']:.0f}" + ("" if st["reached"] == st["of"] else f" ({st['reached']}/{st['of']} seeds)")
-    if not is_baseline and n["speedup_steps"] is not None:
+    cell = _to_target(n["steps_to_target"], ".0f")
+    if n["steps_to_target"]["reached"] and not is_baseline and n["speedup_steps"] is not None:
         cell += f" ({n['speedup_steps']:.2f}×)"
     return cell
 
@@ -83,7 +78,7 @@ def table(folder: Path, benches: list[list[dict]], diagnose: Path | None) -> str
         k, base = kid[g["label"]], g["label"] == fid["baseline"]
         seeds = ", ".join(f"{r['seed']}*" if r["in_progress"] else str(r["seed"]) for r in g["runs"])
         at = [next(n for n in a["groups"] if n["label"] == g["label"]) for a in ats] + [g]
-        cells = [name, seeds, mean_pm(k["best"], ".4f"), mean_pm(g["best"], ".1f"),
+        cells = [name, seeds, _mean_pm(k["best"], ".4f"), _mean_pm(g["best"], ".1f"),
                  ", ".join(map(str, k["best_step"]))] + [to_target(n, base) for n in at]
         cells += [step_time(benches, bench_name), overlaps(diagnose, prefix) if prefix else "–"]
         lines.append("| " + " | ".join(cells) + " |")
@@ -96,7 +91,10 @@ def main() -> None:
     ap.add_argument("--bench", nargs="*", type=Path, default=[], help="`bench norm --json` files")
     ap.add_argument("--diagnose", type=Path, help="folder of `diagnose` outputs saved as <run>.txt")
     args = ap.parse_args()
-    print(table(args.folder, [json.loads(p.read_text()) for p in args.bench], args.diagnose))
+    try:
+        print(table(args.folder, [json.loads(p.read_text()) for p in args.bench], args.diagnose))
+    except (OSError, ValueError, KeyError) as e:  # a missing or foreign file: one line, no traceback
+        sys.exit(f"error: variants_table: {type(e).__name__}: {e}")
 
 
 if __name__ == "__main__":

@@ -38,6 +38,14 @@ def test_table_rows_come_from_the_tools_outputs(tmp_path):
     # sorted by best KID: MN in layers 0, 1 (0.039), BN (0.042 +- 0.0028), full MN (0.050)
     assert lines[2] == ("| MN in layers 0, 1 only | 0 | 0.0390 | 39.0 | 3000 | 1000 (1.50×) | 2000 (1.50×) "
                         "| 2000 (1.50×) | 1.07× | 0.979/0.933/0.839 |")
-    assert lines[3] == "| BN | 0, 1 | 0.0420 ± 0.0028 | 42.0 ± 2.8 | 3000, 3000 | 1500 | 3000 | 3000 (1/2 seeds) | – | – |"
+    assert lines[3] == "| BN | 0, 1 | 0.0420 ± 0.0028 | 42.0 ± 2.8 | 3000, 3000 | 1500 ± 707 | 3000 ± 0 | 3000 (1/2 reached) | – | – |"
     assert lines[4] == ("| full MN (the spec's defaults) | 0 | 0.0500 | 50.0 | 3000 | 1000 (1.50×) | 3000 (1.00×) "
                         "| not reached | 1.20× | – |")
+
+
+def test_missing_compare_output_is_a_one_line_error(tmp_path):
+    import subprocess
+    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "variants_table.py"), str(tmp_path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 1 and "Traceback" not in r.stderr
+    assert r.stderr.strip().startswith("error: variants_table: FileNotFoundError") and len(r.stderr.strip().splitlines()) == 1

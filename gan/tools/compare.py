@@ -343,13 +343,14 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
     if target is None:
         target = base_numbers["best"]["mean"]
         target_source = f"the best {metric_key} of {base.label}, mean over its seeds"
+    base_index = groups.index(base)
     numbers = [group_numbers(g, target) for g in groups]
-    _add_speedups(numbers, groups.index(base))
+    _add_speedups(numbers, base_index)
     # The same steps-to-target and speed-ups at other targets (e.g. looser FIDs that every group reaches).
     at_targets = []
     for t in also_at:
         at = [group_numbers(g, t) for g in groups]
-        _add_speedups(at, groups.index(base))
+        _add_speedups(at, base_index)
         at_targets.append({"target": t, "groups": [{k: n[k] for k in AT_TARGET_KEYS} for n in at]})
 
     notes = []

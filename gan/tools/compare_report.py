@@ -26,11 +26,12 @@ def _to_target(stat: dict, fmt: str, scale: float = 1.0) -> str:
     return text if stat["reached"] == stat["of"] else f"{text} ({stat['reached']}/{stat['of']} reached)"
 
 
-def _speedup(group: dict, kind: str, is_baseline: bool) -> str:
+def _speedup(group: dict, kind: str, with_range: bool = True) -> str:
+    """"1.25× (1.00–1.50)": the ratio of means, then the range over seed pairs (left out for the baseline)."""
     value, spread = group[f"speedup_{kind}"], group[f"speedup_{kind}_range"]
     if value is None:
         return "–"
-    if is_baseline or spread is None:
+    if not with_range or spread is None:
         return f"{value:.2f}×"
     return f"{value:.2f}× ({spread[0]:.2f}–{spread[1]:.2f})"
 
@@ -65,8 +66,8 @@ def markdown(result: dict) -> str:
             _mean_pm(g["final"], fmt), _to_target(g["steps_to_target"], ".0f"),
             _to_target(g["time_to_target"], ".1f", scale) if g["time_to_target"]["reached"]
             or not g["steps_to_target"]["reached"] else "–",  # "–": metrics.jsonl without train_time
-            _speedup(g, "steps", g["label"] == result["baseline"]),
-            _speedup(g, "time", g["label"] == result["baseline"]),
+            _speedup(g, "steps", with_range=g["label"] != result["baseline"]),
+            _speedup(g, "time", with_range=g["label"] != result["baseline"]),
             _mean_pm(g["sec_per_step"], ".3f"),
         ]) + " |")
     lines += ["", "Mean ± std over seeds. Steps to target: per seed, the first evaluation step with "
@@ -102,7 +103,7 @@ def _at_targets_table(result: dict, fmt: str) -> str:
             n = a["groups"][i]
             cell = _to_target(n["steps_to_target"], ".0f")
             if n["steps_to_target"]["reached"] and g["label"] != base:
-                cell += f" · {_speedup(n, 'steps', False)} / {_speedup(n, 'time', True)}"
+                cell += f" · {_speedup(n, 'steps')} / {_speedup(n, 'time', with_range=False)}"
             cells.append(cell)
         rows.append(f"| {g['label']} | " + " | ".join(cells) + " |")
     return "\n".join(rows)
