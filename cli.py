@@ -25,7 +25,7 @@ def user_errors(fn):
             if debug:
                 raise
             if not (getattr(e, "shared", False) and not _is_main_process()):  # torchrun: said once, by rank 0
-                click.echo(f"error: {e}", err=True)
+                click.echo(f"{e.label}: {e}" if e.label else str(e), err=True)
             sys.exit(e.exit_code)
         except KeyboardInterrupt:
             if debug:

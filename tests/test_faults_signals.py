@@ -165,7 +165,7 @@ def test_signal_finishes_step_saves_and_exits_with_its_code(sig, code, image_zip
     assert rc == code, err
     assert "Traceback" not in err
     name = signal.Signals(sig).name
-    m = re.search(rf"^error: stopped by {name} at step (\d+); checkpoint saved at (\S+) "
+    m = re.search(rf"^stopped by {name} at step (\d+); checkpoint saved at (\S+) "
                   rf"\(continue with --resume auto\)$", err, re.M)
     assert m, err
     step, path = int(m.group(1)), Path(m.group(2))

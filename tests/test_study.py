@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import shlex
+import signal
 import sys
+import threading
 import time
 
 import pytest
@@ -71,6 +73,45 @@ def test_budget_stops_every_run_with_a_checkpoint_and_a_second_call_continues(tm
         log = (tmp_path / "out" / f"{name}-s0" / "train.log").read_text()
         assert "resuming from" in log and f"at step {step}" in log
         assert _stopped_cleanly(tmp_path / "out" / f"{name}-s0") > step
+
+
+def test_a_run_signalled_from_outside_the_study_is_reported_as_stopped_and_resumable(tmp_path, image_zip,
+                                                                                     monkeypatch):
+    """kill PID on one run (not on the study): the run saves a checkpoint and exits 143. The study must not
+    call that a crash, must say the run did not finish, and must continue it on the next call."""
+    monkeypatch.chdir(tmp_path)
+    path = tiny_study(tmp_path, image_zip)
+    procs = []
+    real_popen = study_mod.subprocess.Popen
+    monkeypatch.setattr(study_mod.subprocess, "Popen", lambda *a, **k: procs.append(real_popen(*a, **k)) or procs[-1])
+    runs = [tmp_path / "out" / f"{name}-s0" for name in ("bn", "mn")]
+
+    def signal_both_once_they_train():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and not (len(procs) == 2 and all(RunFolder(r).read_metrics() for r in runs)):
+            time.sleep(0.2)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+
+    killer = threading.Thread(target=signal_both_once_they_train, daemon=True)
+    killer.start()
+    lines = []
+    with pytest.raises(study_mod.StudyError, match=r"2 of 2 runs did not finish: bn-s0 \(stopped by a signal from "
+                                                   r"outside the study; its checkpoint is kept\)") as e:
+        study_mod.run_study(study_mod.load_study(path), jobs=2, echo=lines.append, warn=lines.append)
+    killer.join()
+    assert "continue them" in str(e.value)
+    assert sum("by a signal from outside the study (its checkpoint is kept)" in line for line in lines) == 2, lines
+    assert not any("FAILED" in line for line in lines), lines
+    first = [_stopped_cleanly(r) for r in runs]
+    for r in runs:  # the run's own last words: a stop, not an error
+        assert "stopped by SIGTERM at step" in (r / "train.log").read_text()
+        assert "error:" not in (r / "train.log").read_text()
+    # The next call continues both from their checkpoints (stopped by the budget this time).
+    monkeypatch.setattr(study_mod.subprocess, "Popen", real_popen)
+    r = CliRunner().invoke(cli, ["study", path, "--jobs", "2", "--budget-minutes", "0.2"])
+    assert "resume (logged up to step" in r.output, r.output
+    assert all(_stopped_cleanly(run) >= step for run, step in zip(runs, first))
 
 
 def test_compare_common_steps_judges_runs_of_unequal_length_over_the_same_steps(tmp_path):

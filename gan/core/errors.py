@@ -3,3 +3,4 @@
 
 class UserError(Exception):
     exit_code = 2
+    label = "error"  # the CLI prints "<label>: <message>"; None prints the message alone

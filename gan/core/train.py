@@ -36,6 +36,7 @@ class Diverged(UserError):
 
 class Interrupted(UserError):
     """SIGINT / SIGTERM: the checkpoint is saved; exit with the shell's code for that signal."""
+    label = None  # a stop the user (or a study's budget) asked for is not an error
 
     def __init__(self, signum: int, step: int, path: Path):
         self.exit_code = 128 + signum

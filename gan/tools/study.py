@@ -45,6 +45,9 @@ from gan.core.run_folder import RunFolder
 
 CLI = Path(__file__).resolve().parents[2] / "cli.py"
 KEYS = ("base", "out", "seeds", "set", "budget_minutes", "variants")
+# A run's exit codes when SIGTERM/SIGINT stopped it: the first two after saving a checkpoint (gan/core/train.py,
+# Interrupted); the last one when SIGTERM came before the handler (a start-up still loading, nothing to save).
+STOP_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 # Config keys the study sets itself (their `study` role in gan/core/config.py says why a file may not).
 STUDY_OWNED = {k: roles["study"] for k, roles in KEY_ROLES.items() if roles["study"]}
@@ -312,9 +315,9 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
         echo(f"budget of {budget:g} min reached after {_duration(time.monotonic() - started)}: the runs stopped "
              f"with a checkpoint; run the same command again to continue them")
     if failed:
-        raise StudyError(f"study: {len(failed)} of {len(study.runs)} runs failed: "
+        raise StudyError(f"study: {len(failed)} of {len(study.runs)} runs did not finish: "
                          + "; ".join(f"{r.name} ({why})" for r, why in failed)
-                         + ". Run the study again to retry them")
+                         + ". Run the study again to retry or continue them")
     if result is None:
         raise StudyError("study: the runs finished but could not be compared (see above)")
     return result
@@ -389,8 +392,12 @@ def _train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: 
                 took = _duration(time.monotonic() - t0)
                 if code == 0:
                     echo(f"[{done}/{total}] done   {name} in {took}")
-                elif stop_reason and code in (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM):
+                elif code in STOP_CODES and stop_reason:
                     echo(f"[{done}/{total}] stopped {name} after {took}")
+                elif code in STOP_CODES[:2]:  # someone signalled the run itself: it saved a checkpoint, so it resumes
+                    failed.append((r, "stopped by a signal from outside the study; its checkpoint is kept"))
+                    echo(f"[{done}/{total}] stopped {name} after {took} by a signal from outside the study "
+                         f"(its checkpoint is kept)")
                 else:
                     why = f"exit {code}: {_last_line(r.run_dir / 'train.log')}; log: {r.run_dir / 'train.log'}"
                     failed.append((r, f"exit {code}"))
