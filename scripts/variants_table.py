@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from gan.tools.compare_report import _mean_pm, _to_target  # noqa: E402  (compare's own cell formats)
+from gan.tools.compare_report import mean_pm, to_target  # noqa: E402  (compare's own cell formats)
 
 # compare's group label -> (name in the table, bench norm's variant name or None, run-folder prefix)
 VARIANTS = {
@@ -58,8 +58,8 @@ def overlaps(diagnose: Path | None, prefix: str) -> str:
     return "; ".join(out) or "–"
 
 
-def to_target(n: dict, is_baseline: bool) -> str:
-    cell = _to_target(n["steps_to_target"], ".0f")
+def target_cell(n: dict, is_baseline: bool) -> str:
+    cell = to_target(n["steps_to_target"], ".0f")
     if n["steps_to_target"]["reached"] and not is_baseline and n["speedup_steps"] is not None:
         cell += f" ({n['speedup_steps']:.2f}×)"
     return cell
@@ -78,8 +78,8 @@ def table(folder: Path, benches: list[list[dict]], diagnose: Path | None) -> str
         k, base = kid[g["label"]], g["label"] == fid["baseline"]
         seeds = ", ".join(f"{r['seed']}*" if r["in_progress"] else str(r["seed"]) for r in g["runs"])
         at = [next(n for n in a["groups"] if n["label"] == g["label"]) for a in ats] + [g]
-        cells = [name, seeds, _mean_pm(k["best"], ".4f"), _mean_pm(g["best"], ".1f"),
-                 ", ".join(map(str, k["best_step"]))] + [to_target(n, base) for n in at]
+        cells = [name, seeds, mean_pm(k["best"], ".4f"), mean_pm(g["best"], ".1f"),
+                 ", ".join(map(str, k["best_step"]))] + [target_cell(n, base) for n in at]
         cells += [step_time(benches, bench_name), overlaps(diagnose, prefix) if prefix else "–"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

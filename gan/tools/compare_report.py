@@ -11,18 +11,20 @@ def _num(v: Optional[float], fmt: str) -> str:
     return "–" if v is None else format(v, fmt)
 
 
-def _mean_pm(stat: dict, fmt: str) -> str:
+def mean_pm(stat: dict, fmt: str) -> str:
+    """A table cell for {"mean", "std"} over seeds: "74.0 ± 1.3", "74.0" for one seed, "–" for none."""
     if stat["mean"] is None:
         return "–"
     text = format(stat["mean"], fmt)
     return text if stat["std"] is None else f"{text} ± {format(stat['std'], fmt)}"
 
 
-def _to_target(stat: dict, fmt: str, scale: float = 1.0) -> str:
+def to_target(stat: dict, fmt: str, scale: float = 1.0) -> str:
+    """A steps/time-to-target cell: mean ± std over the seeds that reached it, and how many did if not all."""
     if stat["reached"] == 0:
         return "not reached"
     scaled = {"mean": stat["mean"] / scale, "std": None if stat["std"] is None else stat["std"] / scale}
-    text = _mean_pm(scaled, fmt)
+    text = mean_pm(scaled, fmt)
     return text if stat["reached"] == stat["of"] else f"{text} ({stat['reached']}/{stat['of']} reached)"
 
 
@@ -62,13 +64,13 @@ def markdown(result: dict) -> str:
     for g in result["groups"]:
         seeds = ", ".join(f"{r['seed']}*" if r["in_progress"] else str(r["seed"]) for r in g["runs"])
         lines.append("| " + " | ".join([
-            g["label"], seeds, _mean_pm(g["best"], fmt), ", ".join(map(str, g["best_step"])),
-            _mean_pm(g["final"], fmt), _to_target(g["steps_to_target"], ".0f"),
-            _to_target(g["time_to_target"], ".1f", scale) if g["time_to_target"]["reached"]
+            g["label"], seeds, mean_pm(g["best"], fmt), ", ".join(map(str, g["best_step"])),
+            mean_pm(g["final"], fmt), to_target(g["steps_to_target"], ".0f"),
+            to_target(g["time_to_target"], ".1f", scale) if g["time_to_target"]["reached"]
             or not g["steps_to_target"]["reached"] else "–",  # "–": metrics.jsonl without train_time
             _speedup(g, "steps", with_range=g["label"] != result["baseline"]),
             _speedup(g, "time", with_range=g["label"] != result["baseline"]),
-            _mean_pm(g["sec_per_step"], ".3f"),
+            mean_pm(g["sec_per_step"], ".3f"),
         ]) + " |")
     lines += ["", "Mean ± std over seeds. Steps to target: per seed, the first evaluation step with "
               f"{result['metric_key']} <= target. Speed-up: the baseline's mean over the group's mean; in "
@@ -101,7 +103,7 @@ def _at_targets_table(result: dict, fmt: str) -> str:
         cells = []
         for a in result["at_targets"]:
             n = a["groups"][i]
-            cell = _to_target(n["steps_to_target"], ".0f")
+            cell = to_target(n["steps_to_target"], ".0f")
             if n["steps_to_target"]["reached"] and g["label"] != base:
                 cell += f" · {_speedup(n, 'steps')} / {_speedup(n, 'time', with_range=False)}"
             cells.append(cell)
