@@ -15,7 +15,7 @@ import yaml
 from click.testing import CliRunner
 
 from cli import cli
-from gan.tools import study as study_mod
+from gan.tools import launcher, study as study_mod
 from gan.core.checkpoint import list_checkpoints
 from gan.core.run_folder import RunFolder
 from gan.tools.compare import compare_runs
@@ -82,8 +82,8 @@ def test_a_run_signalled_from_outside_the_study_is_reported_as_stopped_and_resum
     monkeypatch.chdir(tmp_path)
     path = tiny_study(tmp_path, image_zip)
     procs = []
-    real_popen = study_mod.subprocess.Popen
-    monkeypatch.setattr(study_mod.subprocess, "Popen", lambda *a, **k: procs.append(real_popen(*a, **k)) or procs[-1])
+    real_popen = launcher.subprocess.Popen
+    monkeypatch.setattr(launcher.subprocess, "Popen", lambda *a, **k: procs.append(real_popen(*a, **k)) or procs[-1])
     runs = [tmp_path / "out" / f"{name}-s0" for name in ("bn", "mn")]
 
     def signal_both_once_they_train():
@@ -108,7 +108,7 @@ def test_a_run_signalled_from_outside_the_study_is_reported_as_stopped_and_resum
         assert "stopped by SIGTERM at step" in (r / "train.log").read_text()
         assert "error:" not in (r / "train.log").read_text()
     # The next call continues both from their checkpoints (stopped by the budget this time).
-    monkeypatch.setattr(study_mod.subprocess, "Popen", real_popen)
+    monkeypatch.setattr(launcher.subprocess, "Popen", real_popen)
     r = CliRunner().invoke(cli, ["study", path, "--jobs", "2", "--budget-minutes", "0.2"])
     assert "resume (logged up to step" in r.output, r.output
     assert all(_stopped_cleanly(run) >= step for run, step in zip(runs, first))
@@ -142,7 +142,7 @@ def test_runs_are_placed_on_the_visible_gpus_round_robin(tmp_path, monkeypatch, 
         r.name, r.run_dir = f"run{i}", tmp_path / "out" / f"run{i}"
         r.argv = [sys.executable, "-c", "import os, time; time.sleep(1); print('gpu=' + os.environ['CUDA_VISIBLE_DEVICES'])"]
     lines = []
-    assert study_mod._train_all(runs, 4, lines.append, []) == "done"
+    assert launcher.train_all(runs, 4, lines.append, []) == "done"
     got = [next(l for l in (r.run_dir / "train.log").read_text().splitlines() if l.startswith("gpu="))
            for r in runs]
     assert got == ["gpu=0", "gpu=1", "gpu=0", "gpu=1"]
@@ -151,10 +151,10 @@ def test_runs_are_placed_on_the_visible_gpus_round_robin(tmp_path, monkeypatch, 
 
 
 def test_placement_fills_the_least_loaded_gpu_and_respects_cuda_visible_devices(monkeypatch):
-    assert study_mod.place({"0": 2, "1": 1}, ["0", "1"]) == "1"
-    assert study_mod.place({}, ["3", "5"]) == "3"
-    assert study_mod.visible_gpus({"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
-    assert study_mod.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
+    assert launcher.place({"0": 2, "1": 1}, ["0", "1"]) == "1"
+    assert launcher.place({}, ["3", "5"]) == "3"
+    assert launcher.visible_gpus({"CUDA_VISIBLE_DEVICES": "3,5"}) == ["3", "5"]
+    assert launcher.visible_gpus({"CUDA_VISIBLE_DEVICES": ""}) == []
 
 
 def test_cpu_runs_are_never_given_a_gpu(tmp_path, monkeypatch, image_zip):
@@ -164,7 +164,7 @@ def test_cpu_runs_are_never_given_a_gpu(tmp_path, monkeypatch, image_zip):
     for r in study.runs:
         r.argv = [sys.executable, "-c", "import os; print('cvd=' + os.environ.get('CUDA_VISIBLE_DEVICES', 'unset'))"]
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    assert study_mod._train_all(study.runs, 2, lambda m: None, []) == "done"
+    assert launcher.train_all(study.runs, 2, lambda m: None, []) == "done"
     assert all("cvd=unset" in (r.run_dir / "train.log").read_text() for r in study.runs)
 
 

@@ -28,10 +28,7 @@ import json
 import os
 import re
 import shlex
-import signal
-import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,12 +39,10 @@ import yaml
 from gan.core.config import KEY_ROLES, Config, load_config, parse_assignment
 from gan.core.errors import UserError
 from gan.core.run_folder import RunFolder
+from gan.tools.launcher import duration, train_all
 
 CLI = Path(__file__).resolve().parents[2] / "cli.py"
 KEYS = ("base", "out", "seeds", "set", "budget_minutes", "variants")
-# A run's exit codes when SIGTERM/SIGINT stopped it: the first two after saving a checkpoint (gan/core/train.py,
-# Interrupted); the last one when SIGTERM came before the handler (a start-up still loading, nothing to save).
-STOP_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM)
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 # Config keys the study sets itself (their `study` role in gan/core/config.py says why a file may not).
 STUDY_OWNED = {k: roles["study"] for k, roles in KEY_ROLES.items() if roles["study"]}
@@ -189,37 +184,6 @@ def load_study(path: str | Path, sets: dict | None = None) -> Study:
 
 # ---------------------------------------------------------------- running it
 
-def _duration(seconds: float) -> str:
-    m, s = divmod(int(round(seconds)), 60)
-    h, m = divmod(m, 60)
-    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-def _last_line(log: Path) -> str:
-    try:
-        lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:300] if lines else ""
-
-
-def visible_gpus(env: dict) -> list[str]:
-    """The GPUs runs may be placed on: CUDA_VISIBLE_DEVICES when set, else every device torch sees."""
-    if "CUDA_VISIBLE_DEVICES" in env:
-        return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
-    import torch
-    return [str(i) for i in range(torch.cuda.device_count())]
-
-
-def place(load: dict[str, int], gpus: list[str]) -> str:
-    """The GPU with the fewest runs on it now (the first such): round-robin when runs start together."""
-    return min(gpus, key=lambda g: (load.get(g, 0), gpus.index(g)))
-
-
-def uses_gpu(run: PlannedRun) -> bool:
-    return run.config.train.device in ("auto", "cuda")
-
-
 def prepare_references(runs: list[PlannedRun], echo: Callable[[str], None]) -> None:
     """Compute (and cache) the reference statistics of every run that evaluates, once, before the runs start.
 
@@ -240,7 +204,7 @@ def prepare_references(runs: list[PlannedRun], echo: Callable[[str], None]) -> N
         t0 = time.monotonic()
         echo(f"reference statistics of {cfg.eval.reference} ({ev.reference_id}), once for every run ...")
         ev.prepare_reference()
-        echo(f"  cached in {_duration(time.monotonic() - t0)}: {ev.reference_cache_path}")
+        echo(f"  cached in {duration(time.monotonic() - t0)}: {ev.reference_cache_path}")
         done.add(ev.reference_cache_path)
         del ev
         if torch.cuda.is_available():
@@ -291,7 +255,7 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
     if todo:
         prepare_references(todo, echo)
     deadline = started + budget * 60 if budget else None
-    outcome = _train_all(todo, jobs, echo, failed, deadline)
+    outcome = train_all(todo, jobs, echo, failed, deadline)
     if outcome == "signal":
         raise StudyInterrupted("study stopped; run the same command again to continue "
                                "(finished runs are skipped, stopped ones resume from their checkpoint)")
@@ -312,102 +276,14 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
                 echo(res.markdown)
             echo(f"wrote {', '.join(str(f) for f in res.files)}")
     if outcome == "budget":
-        echo(f"budget of {budget:g} min reached after {_duration(time.monotonic() - started)}: the runs stopped "
+        echo(f"budget of {budget:g} min reached after {duration(time.monotonic() - started)}: the runs stopped "
              f"with a checkpoint; run the same command again to continue them")
     if failed:
+        order = [r.name for r in study.runs]
+        failed.sort(key=lambda f: order.index(f[0].name))  # the study file's order, not the order they ended in
         raise StudyError(f"study: {len(failed)} of {len(study.runs)} runs did not finish: "
                          + "; ".join(f"{r.name} ({why})" for r, why in failed)
                          + ". Run the study again to retry or continue them")
     if result is None:
         raise StudyError("study: the runs finished but could not be compared (see above)")
     return result
-
-
-def _train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: float | None = None) -> str:
-    """Run the subprocesses, appending failures to `failed`.
-
-    Returns "done", "signal" (SIGINT/SIGTERM stopped the study) or "budget" (the deadline stopped it)."""
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # share the CPU cores instead of each run taking them all
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    gpus = visible_gpus(env) if any(uses_gpu(r) for r in todo) else []
-    gpu_load: dict[str, int] = {}
-    queue = list(todo)
-    running: dict[str, tuple[subprocess.Popen, PlannedRun, float, object, str | None]] = {}
-    signals = []
-    stop_reason: list[str] = []
-
-    def stop_all(reason: str) -> None:
-        stop_reason.append(reason)
-        queue.clear()
-        for proc, *_ in running.values():  # runs are in their own session: the terminal's signal skips them
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-
-    def on_signal(signum, frame):
-        signals.append(signum)
-        if len(signals) == 1:
-            print(f"\n{signal.Signals(signum).name}: stopping the study; each running run saves a checkpoint "
-                  f"(press Ctrl-C again to stop them at once)", file=sys.stderr)
-        stop_all("signal")
-
-    handlers = {}
-    if threading.current_thread() is threading.main_thread():
-        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-    done, total = 0, len(todo)
-    try:
-        while queue or running:
-            if deadline is not None and not stop_reason and time.monotonic() >= deadline:
-                echo(f"budget reached: stopping {len(running)} running runs (each saves a checkpoint)"
-                     + (f"; {len(queue)} not started" if queue else ""))
-                stop_all("budget")
-            while queue and len(running) < jobs and not stop_reason:
-                r = queue.pop(0)
-                r.run_dir.mkdir(parents=True, exist_ok=True)
-                run_env, gpu = env, None
-                if len(gpus) > 1 and uses_gpu(r):  # one GPU per run; several runs share one when jobs > GPUs
-                    gpu = place(gpu_load, gpus)
-                    gpu_load[gpu] = gpu_load.get(gpu, 0) + 1
-                    run_env = dict(env, CUDA_VISIBLE_DEVICES=gpu)
-                log = open(r.run_dir / "train.log", "a")
-                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                          + (f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else "") + f"{r.command}\n")
-                log.flush()
-                proc = subprocess.Popen(r.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=run_env, start_new_session=True)
-                running[r.name] = (proc, r, time.monotonic(), log, gpu)
-                echo(f"[{done}/{total}] start  {r.name}" + (f" on GPU {gpu}" if gpu is not None else ""))
-            if stop_reason and not running:
-                break
-            time.sleep(0.2)
-            for name, (proc, r, t0, log, gpu) in list(running.items()):
-                code = proc.poll()
-                if code is None:
-                    continue
-                log.close()
-                del running[name]
-                if gpu is not None:
-                    gpu_load[gpu] -= 1
-                done += 1
-                took = _duration(time.monotonic() - t0)
-                if code == 0:
-                    echo(f"[{done}/{total}] done   {name} in {took}")
-                elif code in STOP_CODES and stop_reason:
-                    echo(f"[{done}/{total}] stopped {name} after {took}")
-                elif code in STOP_CODES[:2]:  # someone signalled the run itself: it saved a checkpoint, so it resumes
-                    failed.append((r, "stopped by a signal from outside the study; its checkpoint is kept"))
-                    echo(f"[{done}/{total}] stopped {name} after {took} by a signal from outside the study "
-                         f"(its checkpoint is kept)")
-                else:
-                    why = f"exit {code}: {_last_line(r.run_dir / 'train.log')}; log: {r.run_dir / 'train.log'}"
-                    failed.append((r, f"exit {code}"))
-                    echo(f"[{done}/{total}] FAILED {name} after {took} ({why})")
-    finally:
-        for proc, r, t0, log, gpu in running.values():  # only on an unexpected error in this loop
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-                proc.wait()
-            log.close()
-        for s, h in handlers.items():
-            signal.signal(s, h)
-    return stop_reason[0] if stop_reason else "done"

@@ -1,0 +1,141 @@
+"""Runs a study's training runs as subprocesses: `jobs` at a time, each on its own GPU where there are
+several, stopped cleanly (SIGTERM, then the run's own checkpoint) at a deadline or on the study's signal."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from gan.tools.study import PlannedRun
+
+# A run's exit codes when SIGTERM/SIGINT stopped it: the first two after saving a checkpoint (gan/core/train.py,
+# Interrupted); the last one when SIGTERM came before the handler (a start-up still loading, nothing to save).
+STOP_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM)
+
+
+def duration(seconds: float) -> str:
+    """"3m07s", "1h02m": a wall time for humans."""
+    m, s = divmod(int(round(seconds)), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def _last_line(log: Path) -> str:
+    try:
+        lines = [l.strip() for l in log.read_text(errors="replace").splitlines() if l.strip()]
+    except OSError:
+        return ""
+    return lines[-1][:300] if lines else ""
+
+
+def visible_gpus(env: dict) -> list[str]:
+    """The GPUs runs may be placed on: CUDA_VISIBLE_DEVICES when set, else every device torch sees."""
+    if "CUDA_VISIBLE_DEVICES" in env:
+        return [d.strip() for d in env["CUDA_VISIBLE_DEVICES"].split(",") if d.strip()]
+    import torch
+    return [str(i) for i in range(torch.cuda.device_count())]
+
+
+def place(load: dict[str, int], gpus: list[str]) -> str:
+    """The GPU with the fewest runs on it now (the first such): round-robin when runs start together."""
+    return min(gpus, key=lambda g: (load.get(g, 0), gpus.index(g)))
+
+
+def uses_gpu(run: "PlannedRun") -> bool:
+    return run.config.train.device in ("auto", "cuda")
+
+
+def train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: float | None = None) -> str:
+    """Run the subprocesses, appending failures to `failed`.
+
+    Returns "done", "signal" (SIGINT/SIGTERM stopped the study) or "budget" (the deadline stopped it)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if jobs > 1 and "OMP_NUM_THREADS" not in env:  # share the CPU cores instead of each run taking them all
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    gpus = visible_gpus(env) if any(uses_gpu(r) for r in todo) else []
+    gpu_load: dict[str, int] = {}
+    queue = list(todo)
+    running: dict[str, tuple[subprocess.Popen, PlannedRun, float, object, str | None]] = {}
+    signals = []
+    stop_reason: list[str] = []
+
+    def stop_all(reason: str) -> None:
+        stop_reason.append(reason)
+        queue.clear()
+        for proc, *_ in running.values():  # runs are in their own session: the terminal's signal skips them
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+
+    def on_signal(signum, frame):
+        signals.append(signum)
+        if len(signals) == 1:
+            print(f"\n{signal.Signals(signum).name}: stopping the study; each running run saves a checkpoint "
+                  f"(press Ctrl-C again to stop them at once)", file=sys.stderr)
+        stop_all("signal")
+
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    done, total = 0, len(todo)
+    try:
+        while queue or running:
+            if deadline is not None and not stop_reason and time.monotonic() >= deadline:
+                echo(f"budget reached: stopping {len(running)} running runs (each saves a checkpoint)"
+                     + (f"; {len(queue)} not started" if queue else ""))
+                stop_all("budget")
+            while queue and len(running) < jobs and not stop_reason:
+                r = queue.pop(0)
+                r.run_dir.mkdir(parents=True, exist_ok=True)
+                run_env, gpu = env, None
+                if len(gpus) > 1 and uses_gpu(r):  # one GPU per run; several runs share one when jobs > GPUs
+                    gpu = place(gpu_load, gpus)
+                    gpu_load[gpu] = gpu_load.get(gpu, 0) + 1
+                    run_env = dict(env, CUDA_VISIBLE_DEVICES=gpu)
+                log = open(r.run_dir / "train.log", "a")
+                log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} "
+                          + (f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else "") + f"{r.command}\n")
+                log.flush()
+                proc = subprocess.Popen(r.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                        env=run_env, start_new_session=True)
+                running[r.name] = (proc, r, time.monotonic(), log, gpu)
+                echo(f"[{done}/{total}] start  {r.name}" + (f" on GPU {gpu}" if gpu is not None else ""))
+            if stop_reason and not running:
+                break
+            time.sleep(0.2)
+            for name, (proc, r, t0, log, gpu) in list(running.items()):
+                code = proc.poll()
+                if code is None:
+                    continue
+                log.close()
+                del running[name]
+                if gpu is not None:
+                    gpu_load[gpu] -= 1
+                done += 1
+                took = duration(time.monotonic() - t0)
+                if code == 0:
+                    echo(f"[{done}/{total}] done   {name} in {took}")
+                elif code in STOP_CODES and stop_reason:
+                    echo(f"[{done}/{total}] stopped {name} after {took}")
+                elif code in STOP_CODES[:2]:  # someone signalled the run itself: it saved a checkpoint, so it resumes
+                    failed.append((r, "stopped by a signal from outside the study; its checkpoint is kept"))
+                    echo(f"[{done}/{total}] stopped {name} after {took} by a signal from outside the study "
+                         f"(its checkpoint is kept)")
+                else:
+                    why = f"exit {code}: {_last_line(r.run_dir / 'train.log')}; log: {r.run_dir / 'train.log'}"
+                    failed.append((r, f"exit {code}"))
+                    echo(f"[{done}/{total}] FAILED {name} after {took} ({why})")
+    finally:
+        for proc, r, t0, log, gpu in running.values():  # only on an unexpected error in this loop
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+                proc.wait()
+            log.close()
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    return stop_reason[0] if stop_reason else "done"
