@@ -14,7 +14,8 @@ import torch
 
 from gan.core import checkpoint as ckpt
 from gan.core.checkpoint import load_checkpoint
-from gan.core.train import Diverged, Trainer
+from gan.core.errors import Diverged
+from gan.core.train import Trainer
 from tests.conftest import assert_same as _assert_same
 from tests.conftest import logged_steps as _logged_steps
 from tests.conftest import training_state as _training_state

@@ -25,7 +25,8 @@ import pytest
 from gan.core import checkpoint as ckpt
 from gan.core.checkpoint import load_checkpoint
 from gan.core.config import load_config
-from gan.core.train import Interrupted, Trainer
+from gan.core.errors import Interrupted
+from gan.core.train import Trainer
 from tests.conftest import DEFAULT_CONFIG, ROOT, tiny_overrides
 from tests.conftest import assert_same as _assert_same
 from tests.conftest import fake_wandb as _fake_wandb

@@ -16,7 +16,7 @@ from gan.core import device as accel
 from gan.core import distributed
 from gan.core.config import Config
 from gan.core.data import BatchStream, ImageData, load_dataset
-from gan.core.errors import UserError
+from gan.core.errors import Diverged, Interrupted, UserError
 from gan.core.run_folder import RunFolder
 from gan.core.schedule import Due, Window
 from gan.core.tracking import RunLogger
@@ -28,20 +28,6 @@ from models.sync_norms import local_norms, sync_norms
 # The noise z comes from its own generator, seeded from train.seed, so that N processes draw the same
 # global batch of z (each uses its rows) and MN's draws from the global RNG do not shift it.
 NOISE_SEED_OFFSET = 1_000_003
-
-
-class Diverged(UserError):
-    exit_code = 3
-
-
-class Interrupted(UserError):
-    """SIGINT / SIGTERM: the checkpoint is saved; exit with the shell's code for that signal."""
-    label = None  # a stop the user (or a study's budget) asked for is not an error
-
-    def __init__(self, signum: int, step: int, path: Path):
-        self.exit_code = 128 + signum
-        super().__init__(f"stopped by {signal.Signals(signum).name} at step {step}; checkpoint saved at {path} "
-                         f"(continue with --resume auto)")
 
 
 class Trainer:
