@@ -165,11 +165,9 @@ def _kmeans_pp(xs: Tensor, k: int, var: Tensor) -> Tensor:
 
 
 def init_gmm(Xc: Tensor, X2c: Tensor, k: int, iters: int, var_floor: float, eps: float,
-             reduce=None, first_rank_only=None) -> GMM:
+             reduce=identity, first_rank_only=identity) -> GMM:
     """Per-channel twin of models/gmm.py's init_gmm: k-means++ seeds, every variance the channel's,
     uniform weights, then `iters` EM iterations. Xc (B, C, L) centered."""
-    reduce = reduce or identity
-    first_rank_only = first_rank_only or identity
     c = Xc.shape[1]
     var = channel_variance(Xc, X2c, reduce)
     seeds = _kmeans_pp(Xc.transpose(1, 2).reshape(-1, c), k, var + eps)

@@ -283,6 +283,7 @@ def test_ema_generator_is_saved_and_used(tiny_config):
 
 
 def test_wandb_offline_writes_sample_image(tiny_config, monkeypatch):
+    pytest.importorskip("wandb")  # in requirements.txt; without it a run warns (tests/test_faults_io.py)
     monkeypatch.delenv("WANDB_MODE")
     cfg = tiny_config(**{"train.steps": 10, "log.wandb": "offline"})
     Trainer(cfg, progress=False).run()
