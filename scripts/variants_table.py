@@ -7,12 +7,14 @@
 Reads compare.json and compare-kid.json (`cli.py compare ... --also-at ...`) in the folder, the
 `cli.py bench norm --json` files (their MN/BN step-time ratio per variant, one column entry per file),
 and `cli.py diagnose` outputs saved as <run>.txt (the overlap column per layer). Prints a markdown
-table sorted by best KID; it computes nothing that those tools did not already report.
+table sorted by best KID. The one number it computes itself is the gap to BN's best KID in Welch
+standard errors, sqrt(s1^2/n1 + s2^2/n2) from compare's mean, sample std and seed count.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -58,6 +60,19 @@ def overlaps(diagnose: Path | None, prefix: str) -> str:
     return "; ".join(out) or "–"
 
 
+def gap_cell(group: dict, baseline: dict) -> str:
+    """"+0.0027 (2.9 SE)": the group's mean best minus the baseline's, in Welch standard errors where
+    both have 2 or more seeds (one seed has no spread to estimate)."""
+    if group is baseline:
+        return "–"
+    gap = group["best"]["mean"] - baseline["best"]["mean"]
+    n1, n2 = len(group["runs"]), len(baseline["runs"])
+    if n1 < 2 or n2 < 2:
+        return f"{gap:+.4f}"
+    se = math.sqrt(group["best"]["std"] ** 2 / n1 + baseline["best"]["std"] ** 2 / n2)
+    return f"{gap:+.4f} ({gap / se:.1f} SE)" if se > 0 else f"{gap:+.4f}"
+
+
 def target_cell(n: dict, is_baseline: bool) -> str:
     cell = to_target(n["steps_to_target"], ".0f")
     if n["steps_to_target"]["reached"] and not is_baseline and n["speedup_steps"] is not None:
@@ -69,7 +84,7 @@ def table(folder: Path, benches: list[list[dict]], diagnose: Path | None) -> str
     fid = json.loads((folder / "compare.json").read_text())
     kid = {g["label"]: g for g in json.loads((folder / "compare-kid.json").read_text())["groups"]}
     ats = fid.get("at_targets", [])
-    head = (["variant", "seeds", "best KID", "best FID", "step of best KID"]
+    head = (["variant", "seeds", "best KID", "best KID − BN's", "best FID", "step of best KID"]
             + [f"steps to FID {a['target']:g} (speed-up)" for a in ats]
             + [f"steps to BN's best FID, {fid['target']:.1f} (speed-up)", "MN/BN step time", "overlap, layers 0/1/2"])
     lines = ["| " + " | ".join(head) + " |", "|---" * len(head) + "|"]
@@ -78,7 +93,7 @@ def table(folder: Path, benches: list[list[dict]], diagnose: Path | None) -> str
         k, base = kid[g["label"]], g["label"] == fid["baseline"]
         seeds = ", ".join(f"{r['seed']}*" if r["in_progress"] else str(r["seed"]) for r in g["runs"])
         at = [next(n for n in a["groups"] if n["label"] == g["label"]) for a in ats] + [g]
-        cells = [name, seeds, mean_pm(k["best"], ".4f"), mean_pm(g["best"], ".1f"),
+        cells = [name, seeds, mean_pm(k["best"], ".4f"), gap_cell(k, kid[fid["baseline"]]), mean_pm(g["best"], ".1f"),
                  ", ".join(map(str, k["best_step"]))] + [target_cell(n, base) for n in at]
         cells += [step_time(benches, bench_name), overlaps(diagnose, prefix) if prefix else "–"]
         lines.append("| " + " | ".join(cells) + " |")

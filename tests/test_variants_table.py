@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 
 from gan.tools.compare import compare_runs
@@ -33,14 +34,26 @@ def test_table_rows_come_from_the_tools_outputs(tmp_path):
         " 2  net.7  bn  64  -2.01  48.01  0.839  0.49 0.43 0.07\n")
     text = variants_table.table(out, [json.loads(bench.read_text())], diag)
     lines = text.splitlines()
-    assert lines[0].startswith("| variant | seeds | best KID | best FID | step of best KID | steps to FID 100 (speed-up) "
+    assert lines[0].startswith("| variant | seeds | best KID | best KID − BN's | best FID | step of best KID | steps to FID 100 (speed-up) "
                                "| steps to FID 50 (speed-up) | steps to BN's best FID, 42.0 (speed-up) |")
     # sorted by best KID: MN in layers 0, 1 (0.039), BN (0.042 +- 0.0028), full MN (0.050)
-    assert lines[2] == ("| MN in layers 0, 1 only | 0 | 0.0390 | 39.0 | 3000 | 1000 (1.50×) | 2000 (1.50×) "
+    assert lines[2] == ("| MN in layers 0, 1 only | 0 | 0.0390 | -0.0030 | 39.0 | 3000 | 1000 (1.50×) | 2000 (1.50×) "
                         "| 2000 (1.50×) | 1.07× | 0.979/0.933/0.839 |")
-    assert lines[3] == "| BN | 0, 1 | 0.0420 ± 0.0028 | 42.0 ± 2.8 | 3000, 3000 | 1500 ± 707 | 3000 ± 0 | 3000 (1/2 reached) | – | – |"
-    assert lines[4] == ("| full MN (the spec's defaults) | 0 | 0.0500 | 50.0 | 3000 | 1000 (1.50×) | 3000 (1.00×) "
+    assert lines[3] == "| BN | 0, 1 | 0.0420 ± 0.0028 | – | 42.0 ± 2.8 | 3000, 3000 | 1500 ± 707 | 3000 ± 0 | 3000 (1/2 reached) | – | – |"
+    assert lines[4] == ("| full MN (the spec's defaults) | 0 | 0.0500 | +0.0080 | 50.0 | 3000 | 1000 (1.50×) | 3000 (1.00×) "
                         "| not reached | 1.20× | – |")
+
+
+def test_gap_to_bn_is_in_welch_standard_errors_when_both_have_seeds():
+    def group(best, n):
+        mean = sum(best) / n
+        std = math.sqrt(sum((b - mean) ** 2 for b in best) / (n - 1)) if n > 1 else None
+        return {"best": {"mean": mean, "std": std}, "runs": [{}] * n}
+    bn, mn = group([0.040, 0.036, 0.038], 3), group([0.041, 0.043, 0.042], 3)  # means 0.038, 0.042; stds 0.002, 0.001
+    se = math.sqrt(0.002 ** 2 / 3 + 0.001 ** 2 / 3)
+    assert variants_table.gap_cell(mn, bn) == f"+0.0040 ({0.004 / se:.1f} SE)" == "+0.0040 (3.1 SE)"
+    assert variants_table.gap_cell(group([0.030], 1), bn) == "-0.0080"  # one seed: no spread, no SE
+    assert variants_table.gap_cell(bn, bn) == "–"
 
 
 def test_missing_compare_output_is_a_one_line_error(tmp_path):
