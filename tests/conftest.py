@@ -198,8 +198,9 @@ def fake_wandb(monkeypatch, fail_log: bool = False) -> list:
 
 # ---------------------------------------------------------------- the fault suite's summary line
 
-# marker -> [passed, run]; tests/test_faults_*.py mark their tests `fault`, tests/test_bad_input.py `bad_input`.
-_FAULT_TALLY = {"fault": [0, 0], "bad_input": [0, 0]}
+# marker -> [passed, run, skipped]; tests/test_faults_*.py mark their tests `fault`, tests/test_bad_input.py
+# `bad_input`. A skip (wandb not installed, say) is neither survived nor failed: it is counted apart.
+_FAULT_TALLY = {"fault": [0, 0, 0], "bad_input": [0, 0, 0]}
 
 
 def assert_k1_is_batchnorm(mn, bn, shape, fmt, tol: dict) -> None:
@@ -252,12 +253,19 @@ def pytest_runtest_makereport(item, call):
     kind = next((k for k in _FAULT_TALLY if item.get_closest_marker(k)), None)
     # Counted once: at the call, or at a setup that failed and so had no call.
     if kind is not None and (report.when == "call" or (report.when == "setup" and not report.passed)):
-        _FAULT_TALLY[kind][0] += report.passed
-        _FAULT_TALLY[kind][1] += 1
+        tally = _FAULT_TALLY[kind]
+        if report.skipped:
+            tally[2] += 1
+        else:
+            tally[0] += report.passed
+            tally[1] += 1
     return report
 
 
 def pytest_terminal_summary(terminalreporter):
-    (f_ok, f_run), (b_ok, b_run) = _FAULT_TALLY["fault"], _FAULT_TALLY["bad_input"]
-    if f_run or b_run:
-        terminalreporter.write_line(f"faults survived: {f_ok}/{f_run}, bad inputs rejected: {b_ok}/{b_run}")
+    def part(what, ok, run, skipped):
+        return f"{what}: {ok}/{run}" + (f" ({skipped} skipped)" if skipped else "")
+    (f_ok, f_run, f_skip), (b_ok, b_run, b_skip) = _FAULT_TALLY["fault"], _FAULT_TALLY["bad_input"]
+    if f_run or b_run or f_skip or b_skip:
+        terminalreporter.write_line(part("faults survived", f_ok, f_run, f_skip) + ", "
+                                    + part("bad inputs rejected", b_ok, b_run, b_skip))
