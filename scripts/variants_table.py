@@ -37,6 +37,8 @@ VARIANTS = {
     "norm=mn, mn.em_steps=5, mn.fit=fresh": ("fresh fit every step (5 EM iterations)", "fresh", "mn-fresh"),
     "norm=mn, mn.em_steps=5, mn.posteriors=per_channel, mn.fit=fresh": ("per-channel + fresh fit",
                                                                          "per_channel+fresh", "mn-pc-fresh"),
+    "norm=mn, mn_layers=[0], mn.posteriors=per_channel": ("per-channel posteriors, layer 0 only", None,
+                                                          "mn-pc-layer0"),
 }
 
 
