@@ -47,7 +47,7 @@ def place(load: dict[str, int], gpus: list[str]) -> str:
     return min(gpus, key=lambda g: (load.get(g, 0), gpus.index(g)))
 
 
-def uses_gpu(run: "PlannedRun") -> bool:
+def uses_gpu(run: PlannedRun) -> bool:
     return run.config.train.device in ("auto", "cuda")
 
 
