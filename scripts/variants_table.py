@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gan.tools.bench import mn_ratio_name  # noqa: E402  (bench's row names)
 from gan.tools.compare_report import mean_pm, to_target  # noqa: E402  (compare's own cell formats)
 
 # compare's group label -> (name in the table, bench norm's variant name or None, run-folder prefix)
@@ -37,15 +38,15 @@ VARIANTS = {
     "norm=mn, mn.em_steps=5, mn.fit=fresh": ("fresh fit every step (5 EM iterations)", "fresh", "mn-fresh"),
     "norm=mn, mn.em_steps=5, mn.posteriors=per_channel, mn.fit=fresh": ("per-channel + fresh fit",
                                                                          "per_channel+fresh", "mn-pc-fresh"),
-    "norm=mn, mn_layers=[0], mn.posteriors=per_channel": ("per-channel posteriors, layer 0 only", None,
-                                                          "mn-pc-layer0"),
+    "norm=mn, mn_layers=[0], mn.posteriors=per_channel": ("per-channel posteriors, layer 0 only",
+                                                          "per_channel in layer 0", "mn-pc-layer0"),
 }
 
 
 def step_time(benches: list[list[dict]], variant: str | None) -> str:
     if variant is None:
         return "–"
-    name = "MN/BN step time" + ("" if variant == "joint/warm" else f", {variant}")
+    name = mn_ratio_name("step time", variant)
     ratios = [r["ratio"] for rows in benches for r in rows if r["ratio_name"] == name]
     return " / ".join(f"{v:.2f}×" for v in ratios) or "–"
 

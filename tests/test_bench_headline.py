@@ -13,3 +13,19 @@ def test_headline_keeps_time_ratios_and_folds_the_variants_into_a_range():
     assert headline(rows) == ("headline: ours/classic step time 0.61x; MN/BN step time 1.12x; "
                               "MN/BN step time of the 2 other MN variants 1.02-1.76x")
     assert headline(rows[:2]) == "headline: ours/classic step time 0.61x; MN/BN step time 1.12x"
+
+
+def test_bench_norm_times_every_mn_variant_under_the_name_the_tables_look_up():
+    """One step per trainer at width 8: every variant gets a step-time and a memory row, named by
+    mn_ratio_name (which scripts/variants_table.py reads back), the defaults under the old bare name."""
+    import torch
+    from gan.tools.bench import MN_VARIANTS, bench_norm, mn_ratio_name
+    rows = bench_norm(torch.device("cpu"), steps=1, repeats=1, ngf=8, batch_size=8)
+    assert [r.ratio_name for r in rows] == [mn_ratio_name(what, v) for v in MN_VARIANTS
+                                            for what in ("step time", "memory")]
+    assert rows[0].ratio_name == "MN/BN step time" and rows[1].ratio_name == "MN/BN memory"
+    assert all(r.ratio > 0 and r.ours > 0 and r.baseline > 0 for r in rows)
+    # the variants differ in the work they do: per-channel posteriors keep more for backward than the defaults
+    saved = {r.ratio_name: r.ours for r in rows if r.unit == "MiB"}
+    assert saved[mn_ratio_name("memory", "per_channel")] > saved[mn_ratio_name("memory")]
+    assert saved[mn_ratio_name("memory", "layer 0")] < saved[mn_ratio_name("memory")]
