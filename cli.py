@@ -215,11 +215,13 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, json_file):
     The last line is the headline ratio.
     """
     import dataclasses
-    from gan.tools.bench import BenchOptions, format_table, headline, run_benches
+    from gan.tools.bench import BenchOptions, busy_warning, format_table, headline, run_benches
     from gan.core.device import resolve_device
     dev = resolve_device(device)
     if min(steps, repeats, ngf, eval_images) < 1:
         raise click.BadParameter("--steps, --repeats, --ngf and --eval-images must be positive")
+    if warning := busy_warning(dev):
+        click.echo(warning, err=True)
     rows = run_benches(which, dev, BenchOptions(steps, repeats, ngf, eval_images, weights))
     click.echo(format_table(rows, dev))
     if json_file:

@@ -97,11 +97,11 @@ def test_a_run_signalled_from_outside_the_study_is_reported_as_stopped_and_resum
     killer.start()
     lines = []
     with pytest.raises(study_mod.StudyError, match=r"2 of 2 runs did not finish: bn-s0 \(stopped by a signal from "
-                                                   r"outside the study; its checkpoint is kept\)") as e:
+                                                   r"outside the study; it resumes from its last checkpoint\)") as e:
         study_mod.run_study(study_mod.load_study(path), jobs=2, echo=lines.append, warn=lines.append)
     killer.join()
     assert "continue them" in str(e.value)
-    assert sum("by a signal from outside the study (its checkpoint is kept)" in line for line in lines) == 2, lines
+    assert sum("by a signal from outside the study (it resumes from its last checkpoint)" in line for line in lines) == 2, lines
     assert not any("FAILED" in line for line in lines), lines
     first = [_stopped_cleanly(r) for r in runs]
     for r in runs:  # the run's own last words: a stop, not an error

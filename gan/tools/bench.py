@@ -10,6 +10,7 @@ Timings alternate between the two sides and report the median, so drift hits bot
 """
 from __future__ import annotations
 
+import os
 import statistics
 import tempfile
 import time
@@ -293,6 +294,18 @@ BENCHES: dict[str, Callable[[torch.device, BenchOptions], list[Row]]] = {
     "norm": lambda device, o: bench_norm(device, o.steps, o.repeats, o.ngf),
     "eval": lambda device, o: bench_eval(device, o.eval_images, repeats=max(1, o.repeats // 2), weights_path=o.weights),
 }
+
+
+def busy_warning(device: torch.device) -> str | None:
+    """A warning when other processes already load the CPU: a CPU bench then measures the contention more
+    than the code (beside a 2-thread training run, both ran about 5x slower per step, unevenly)."""
+    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+        return None
+    load, cores = os.getloadavg()[0], os.cpu_count() or 1
+    if load < max(1.0, cores / 4):
+        return None
+    return (f"warning: load average {load:.1f} on {cores} cores: other processes compete for the CPU, so these "
+            f"ratios can be far off; bench on an idle machine")
 
 
 def run_benches(which: str, device: torch.device, options: BenchOptions) -> list[Row]:

@@ -122,10 +122,13 @@ def train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: f
                     echo(f"[{done}/{total}] done   {name} in {took}")
                 elif code in STOP_CODES and stop_reason:
                     echo(f"[{done}/{total}] stopped {name} after {took}")
-                elif code in STOP_CODES[:2]:  # someone signalled the run itself: it saved a checkpoint, so it resumes
-                    failed.append((r, "stopped by a signal from outside the study; its checkpoint is kept"))
+                elif code in STOP_CODES[:2]:
+                    # Someone signalled the run itself. One signal: it saved a checkpoint first; a second Ctrl-C
+                    # (also exit 130) quit at once. Either way it resumes from its newest checkpoint.
+                    failed.append((r, "stopped by a signal from outside the study; it resumes from its last "
+                                      "checkpoint"))
                     echo(f"[{done}/{total}] stopped {name} after {took} by a signal from outside the study "
-                         f"(its checkpoint is kept)")
+                         f"(it resumes from its last checkpoint)")
                 else:
                     why = f"exit {code}: {_last_line(r.run_dir / 'train.log')}; log: {r.run_dir / 'train.log'}"
                     failed.append((r, f"exit {code}"))

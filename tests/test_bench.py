@@ -1,4 +1,5 @@
-"""`cli.py bench`'s last line: each time ratio once, the MN variants' step times as one range, no memory."""
+"""`cli.py bench`: its last line (each time ratio once, the MN variants' step times as one range, no memory),
+the rows `bench norm` names for the tables, and the warning when the CPU is busy."""
 from gan.tools.bench import Row, headline
 
 
@@ -29,3 +30,19 @@ def test_bench_norm_times_every_mn_variant_under_the_name_the_tables_look_up():
     saved = {r.ratio_name: r.ours for r in rows if r.unit == "MiB"}
     assert saved[mn_ratio_name("memory", "per_channel")] > saved[mn_ratio_name("memory")]
     assert saved[mn_ratio_name("memory", "layer 0")] < saved[mn_ratio_name("memory")]
+
+
+def test_a_cpu_bench_warns_when_other_processes_load_the_machine(monkeypatch):
+    import os
+    import torch
+    from gan.tools import bench
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    monkeypatch.setattr(os, "getloadavg", lambda: (2.3, 2.0, 1.5))
+    warning = bench.busy_warning(torch.device("cpu"))
+    assert warning.startswith("warning: load average 2.3 on 2 cores")
+    assert bench.busy_warning(torch.device("cuda")) is None  # GPU step times do not share the CPU's cores
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.3, 0.2))
+    assert bench.busy_warning(torch.device("cpu")) is None
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # 3 busy cores of 16 leave the bench room
+    assert bench.busy_warning(torch.device("cpu")) is None
