@@ -40,6 +40,8 @@ VARIANTS = {
                                                                          "per_channel+fresh", "mn-pc-fresh"),
     "norm=mn, mn_layers=[0], mn.posteriors=per_channel": ("per-channel posteriors, layer 0 only",
                                                           "per_channel in layer 0", "mn-pc-layer0"),
+    "norm=mn, mn_layers=[0], mn.prior_scaling=false": ("MN in layer 0 only, no 1/sqrt(lambda) gain", None,
+                                                         "mn-layer0-noprior"),
 }
 
 

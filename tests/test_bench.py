@@ -1,5 +1,9 @@
 """`cli.py bench`: its last line (each time ratio once, the MN variants' step times as one range, no memory),
 the rows `bench norm` names for the tables, and the warning when the CPU is busy."""
+import time
+
+import pytest
+
 from gan.tools.bench import Row, headline
 
 
@@ -32,17 +36,35 @@ def test_bench_norm_times_every_mn_variant_under_the_name_the_tables_look_up():
     assert saved[mn_ratio_name("memory", "layer 0")] < saved[mn_ratio_name("memory")]
 
 
-def test_a_cpu_bench_warns_when_other_processes_load_the_machine(monkeypatch):
+def test_a_cpu_bench_warns_when_other_processes_keep_the_cores_busy(monkeypatch):
     import os
     import torch
     from gan.tools import bench
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    monkeypatch.setattr(os, "getloadavg", lambda: (2.3, 2.0, 1.5))
+    monkeypatch.setattr(bench, "_busy_cores", lambda: 1.9)
     warning = bench.busy_warning(torch.device("cpu"))
-    assert warning.startswith("warning: load average 2.3 on 2 cores")
+    assert warning.startswith("warning: other processes keep 1.9 of 2 cores busy")
     assert bench.busy_warning(torch.device("cuda")) is None  # GPU step times do not share the CPU's cores
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.3, 0.2))
+    monkeypatch.setattr(bench, "_busy_cores", lambda: 0.1)
     assert bench.busy_warning(torch.device("cpu")) is None
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # 3 busy cores of 16 leave the bench room
+    monkeypatch.setattr(bench, "_busy_cores", lambda: 3.0)  # 3 busy cores of 16 leave the bench room
     assert bench.busy_warning(torch.device("cpu")) is None
+    monkeypatch.setattr(bench, "_busy_cores", lambda: None)  # no /proc/stat (macOS): no claim either way
+    assert bench.busy_warning(torch.device("cpu")) is None
+
+
+def test_busy_cores_sees_a_process_that_spins():
+    """Measured, not mocked: a child spinning on one core shows up as at least half a core busy."""
+    import subprocess
+    import sys
+    from gan.tools import bench
+    if bench._busy_cores(0.01) is None:
+        pytest.skip("no /proc/stat on this system")
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert bench._busy_cores(1.0) >= 0.5
+    finally:
+        spinner.kill()
+        spinner.wait()

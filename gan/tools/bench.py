@@ -260,11 +260,12 @@ def bench_eval(device: torch.device, num_images: int, repeats: int, weights_path
 
 
 def format_table(rows: list[Row], device: torch.device) -> str:
+    w = max([58] + [len(r.what) for r in rows])
     lines = [f"device: {device_name(device)}",
-             f"{'bench':<6} {'what':<58} {'ours':>10} {'baseline':>10} {'unit':<8} ratio",
-             "-" * 110]
+             f"{'bench':<6} {'what':<{w}} {'ours':>10} {'baseline':>10} {'unit':<8} ratio",
+             "-" * (w + 52)]
     for r in rows:
-        lines.append(f"{r.bench:<6} {r.what:<58} {r.ours:>10.2f} {r.baseline:>10.2f} {r.unit:<8} "
+        lines.append(f"{r.bench:<6} {r.what:<{w}} {r.ours:>10.2f} {r.baseline:>10.2f} {r.unit:<8} "
                      f"{r.ratio:.2f}x ({r.ratio_name})")
         for k, v in r.extra.items():
             lines.append(f"{'':<6}   {k} = {v:.4f}")
@@ -296,16 +297,32 @@ BENCHES: dict[str, Callable[[torch.device, BenchOptions], list[Row]]] = {
 }
 
 
+def _busy_cores(seconds: float = 0.5) -> float | None:
+    """Cores' worth of CPU in use now, over `seconds` (/proc/stat; None where there is none). The load
+    average would lag: a bench started a minute after another job would still see that job's load."""
+    def read() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+        return sum(ticks), ticks[3] + ticks[4]  # all, idle + iowait
+    try:
+        total0, idle0 = read()
+        time.sleep(seconds)
+        total1, idle1 = read()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (os.cpu_count() or 1) * (1 - (idle1 - idle0) / max(1, total1 - total0))
+
+
 def busy_warning(device: torch.device) -> str | None:
-    """A warning when other processes already load the CPU: a CPU bench then measures the contention more
+    """A warning when other processes already use the CPU: a CPU bench then measures the contention more
     than the code (beside a 2-thread training run, both ran about 5x slower per step, unevenly)."""
-    if device.type != "cpu" or not hasattr(os, "getloadavg"):
+    if device.type != "cpu":
         return None
-    load, cores = os.getloadavg()[0], os.cpu_count() or 1
-    if load < max(1.0, cores / 4):
+    busy, cores = _busy_cores(), os.cpu_count() or 1
+    if busy is None or busy < max(0.5, cores / 4):
         return None
-    return (f"warning: load average {load:.1f} on {cores} cores: other processes compete for the CPU, so these "
-            f"ratios can be far off; bench on an idle machine")
+    return (f"warning: other processes keep {busy:.1f} of {cores} cores busy, so these ratios can be far off; "
+            f"bench on an idle machine")
 
 
 def run_benches(which: str, device: torch.device, options: BenchOptions) -> list[Row]:
