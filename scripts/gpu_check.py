@@ -1,13 +1,13 @@
 """Everything we want to know about a GPU machine, in one command of a few minutes (see gpu_check.sh).
 
-Stages, each timed, each written to OUTDIR/summary.json as soon as it ends (a stage that fails is
-recorded and the next one still runs):
+Stages in this order, each timed, each written to OUTDIR/summary.json as soon as it ends (a stage that
+fails is recorded and the next one still runs):
   environment   torch, CUDA, the GPU's name and memory
-  cuda_tests    `pytest -m cuda tests` (MN = BN at K=1, GPU-default runs, resume, FID on CUDA = CPU, NCCL)
+  probe         step time of BN and MN runs trained J at a time on one device (the study's setting),
+                through `cli.py study --budget-minutes`: with fid_timing, what a GPU study is sized from
   fid_timing    wall time of FID/KID for N generated images against the test images' statistics
                 (the statistics are computed first, once, and timed apart)
-  probe         step time of BN and MN runs trained J at a time on one device (the study's setting),
-                through `cli.py study --budget-minutes`: the numbers a GPU study is sized from
+  cuda_tests    `pytest -m cuda tests` (MN = BN at K=1, GPU-default runs, resume, FID on CUDA = CPU, NCCL)
   bench         `cli.py bench all` (ours vs the classic loop, MN/BN, eval vs torch-fidelity)
 OUTDIR/summary.md is the readable report, OUTDIR/log.txt the full output.
 """
@@ -284,13 +284,15 @@ def main() -> int:
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     if weights:
         env["MNGAN_INCEPTION_WEIGHTS"] = weights
+    # The numbers a GPU study is sized from (probe, fid_timing) come first: when a GPU session's call runs
+    # out of time, what it cuts is the correctness tests and the bench, which a later session can rerun.
     stages = [
         ("environment", lambda: environment(device)),
-        ("cuda_tests", lambda: cuda_tests(check, env)),
         ("probe", lambda: probe(check, env, out, data, test_data, weights, size["probe_minutes"], size["jobs"],
                                 size["probe_set"])),
         # The dry run (CI) never touches the network; a GPU box may try torch-fidelity's download once.
         ("fid_timing", lambda: fid_timing(device, test_data, weights, size["fid_samples"], not args.cpu_dry_run)),
+        ("cuda_tests", lambda: cuda_tests(check, env)),
         ("bench", lambda: bench(check, env, out, device, weights, size["bench"])),
     ]
     for name, fn in stages:

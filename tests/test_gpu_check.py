@@ -21,7 +21,7 @@ def test_gpu_check_cpu_dry_run_runs_every_stage(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
-    assert list(stages) == ["environment", "cuda_tests", "probe", "fid_timing", "bench"]
+    assert list(stages) == ["environment", "probe", "fid_timing", "cuda_tests", "bench"]
     assert all(s["ok"] for s in stages.values()), {k: s.get("error") for k, s in stages.items()}
     # On a CPU every CUDA test is collected and reported as skipped, never hidden.
     counts = stages["cuda_tests"]["counts"]
