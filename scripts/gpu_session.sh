@@ -120,7 +120,7 @@ study() {
   echo "study: $file, $jobs runs at once, budget $minutes min, ${sets[*]}" | tee "$OUT/study.log"
   local rc=0
   # The study stops its runs at the budget itself; the timeout only guards the packing below.
-  timeout "$(awk -v m="$minutes" 'BEGIN { printf "%d", m * 60 + 90 }')" \
+  timeout "$("$py" -c "print(int(float('$minutes') * 60 + 90))")" \
     "$py" cli.py study "$file" --jobs "$jobs" --budget-minutes "$minutes" "${sets[@]}" 2>&1 | tee -a "$OUT/study.log" || rc=$?
   pack "$out" "$OUT/study-gpu.tar.gz"
   echo "study: exit $rc; $OUT/study-gpu.tar.gz, $OUT/study.log"
