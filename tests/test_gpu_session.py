@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tarfile
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
@@ -58,7 +59,12 @@ def test_check_study_and_import_dry_run_bring_home_what_docs_keep(tmp_path):
     assert (docs / "study.log").read_text() == log
     # Compared again here, so the tables name the imported runs, not the device's folders.
     assert all(f"{docs / 'runs' / run}`" in (docs / "compare.md").read_text() for run in runs)
-    assert (docs / "compare-kid.md").is_file()
+    # ... and with the speed-ups at 2, 1.5 and 1.25 times BN's best too.
+    for name in ("compare", "compare-kid"):
+        result = json.loads((docs / f"{name}.json").read_text())
+        looser = [a["target"] for a in result["at_targets"]]
+        assert looser == pytest.approx([result["target"] * m for m in (2, 1.5, 1.25)], rel=1e-3)
+        assert "Steps to reach other targets" in (docs / f"{name}.md").read_text()
     for run in runs:
         evals = [json.loads(line) for line in (docs / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert [e["step"] for e in evals if "fid" in e] == [10]
