@@ -41,6 +41,11 @@ for a in "$@"; do
   if [ "$a" = --cpu-dry-run ]; then dry=true; else args+=("$a"); fi
 done
 
+# timeout's 124 would read as the device call's own time-out (the device tool reports rc 124 as timed_out),
+# though this script stopped the step itself and still returns its files: say so, and exit 3 instead.
+stopped() { if [ "$1" = 124 ]; then echo " (stopped by this script after $2)"; fi; }
+code() { if [ "$1" = 124 ]; then echo 3; else echo "$1"; fi; }
+
 need_out() { [ -n "${OUT:-}" ] || die "\$OUT is not set (the device tool sets it; set it to a folder to run this elsewhere)"; mkdir -p "$OUT"; }
 
 # torch-fidelity: the carried wheel, installed beside the tree (the GPU machine's python has none of its own).
@@ -71,8 +76,8 @@ check() {
   for f in summary.md summary.json bench.json log.txt; do
     if [ -f "$work/check/$f" ]; then cp "$work/check/$f" "$OUT/check-$f"; fi
   done
-  echo "check: exit $rc; $OUT/check-summary.md"
-  return "$rc"
+  echo "check: exit $rc$(stopped "$rc" "${CHECK_SECONDS:-290} s"); $OUT/check-summary.md"
+  return "$(code "$rc")"
 }
 
 # A study file for the dry run: the real one's variants, one seed, its output under $work.
@@ -124,8 +129,8 @@ study() {
   timeout "$("$py" -c "print(int(float('$minutes') * 60 + 90))")" \
     "$py" cli.py study "$file" --jobs "$jobs" --budget-minutes "$minutes" "${sets[@]}" 2>&1 | tee -a "$OUT/study.log" || rc=$?
   pack "$out" "$OUT/study-gpu.tar.gz"
-  echo "study: exit $rc; $OUT/study-gpu.tar.gz, $OUT/study.log"
-  return "$rc"
+  echo "study: exit $rc$(stopped "$rc" "its budget and 90 s"); $OUT/study-gpu.tar.gz, $OUT/study.log"
+  return "$(code "$rc")"
 }
 
 # docs/study-gpu's layout, from the study's output folder: runs/<run>/{config.yaml,metrics.jsonl,train.log},

@@ -85,3 +85,11 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
         r = _session(*argv, env=env, timeout=120)
         lines = r.stderr.strip().splitlines()
         assert r.returncode == 2 and lines[-1].startswith("error: ") and message in lines[-1], (argv, r.stderr)
+
+
+def test_a_check_stopped_at_its_time_limit_exits_3_not_the_device_tools_124(tmp_path):
+    """The device tool reads rc 124 as its own time-out; the script stopped the check itself and says so."""
+    r = _session("check", "--cpu-dry-run", env={"OUT": str(tmp_path / "o"), "GPU_SESSION_DIR": str(tmp_path / "w"),
+                                                  "CHECK_SECONDS": "2"}, timeout=120)
+    assert r.returncode == 3, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "check: exit 124 (stopped by this script after 2 s)" in r.stdout
