@@ -27,7 +27,11 @@ EVAL_CONTENTION = 2.5
 
 
 def size(summary: dict, budget_minutes: float, evals: int, round_to: int = 100) -> tuple[dict, dict]:
-    st = summary["stages"]
+    st = summary.get("stages", {})
+    missing = [name for name in ("probe", "fid_timing") if not st.get(name, {}).get("ok")]
+    if missing:
+        raise SystemExit(f"error: the check has no {' and no '.join(missing)} numbers (the stage failed or did not "
+                         "run): nothing to size the study from")
     mn_sps = st["probe"]["mn"]["sec_per_step"]
     fid = {r["samples"]: r["seconds"] for r in st["fid_timing"]["runs"]}
     ref_s = max(fid.values()) * 50_000 / max(fid)  # the 50k reference, from the largest timed run

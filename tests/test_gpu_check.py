@@ -47,9 +47,9 @@ def test_gpu_check_refuses_a_machine_without_cuda_unless_dry_run(tmp_path):
 
 
 def _summary(mn_sps: float, fid10k_s: float, fid50k_s: float) -> dict:
-    return {"stages": {"probe": {"mn": {"sec_per_step": mn_sps}},
-                       "fid_timing": {"runs": [{"samples": 10_000, "seconds": fid10k_s},
-                                               {"samples": 50_000, "seconds": fid50k_s}]}}}
+    return {"stages": {"probe": {"ok": True, "mn": {"sec_per_step": mn_sps}},
+                       "fid_timing": {"ok": True, "runs": [{"samples": 10_000, "seconds": fid10k_s},
+                                                           {"samples": 50_000, "seconds": fid50k_s}]}}}
 
 
 def test_size_study_fits_the_slowest_variant_into_the_budget():
@@ -64,3 +64,13 @@ def test_size_study_fits_the_slowest_variant_into_the_budget():
 def test_size_study_refuses_a_budget_with_no_training_time():
     with pytest.raises(SystemExit, match="leaves no training time"):
         size_study.size(_summary(mn_sps=0.02, fid10k_s=60.0, fid50k_s=300.0), budget_minutes=6, evals=6)
+
+
+def test_size_study_refuses_a_check_without_the_stages_it_needs():
+    """A check cut short (or whose probe failed) gives a one-line refusal, not a KeyError."""
+    failed_probe = _summary(mn_sps=0.02, fid10k_s=8.0, fid50k_s=30.0)
+    failed_probe["stages"]["probe"] = {"ok": False, "error": "RuntimeError: probe: runs logged no step times"}
+    with pytest.raises(SystemExit, match="no probe numbers"):
+        size_study.size(failed_probe, budget_minutes=6, evals=6)
+    with pytest.raises(SystemExit, match="no probe and no fid_timing numbers"):
+        size_study.size({"stages": {"environment": {"ok": True}}}, budget_minutes=6, evals=6)

@@ -37,7 +37,7 @@ def test_check_study_and_import_dry_run_bring_home_what_docs_keep(tmp_path):
     r = _session("study", "5", "--cpu-dry-run", env={"OUT": str(out2), "GPU_SESSION_DIR": str(work)})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     # A check without the probe's and FID's numbers sizes nothing: the script says so and goes on.
-    assert "the check gave no sizing" in r.stderr
+    assert "the check has no probe and no fid_timing numbers" in r.stderr and "the check gave no sizing" in r.stderr
     log = (out2 / "study.log").read_text()
     variants = yaml.safe_load((ROOT / "configs" / "study-gpu-runs.yaml").read_text())["variants"]
     runs = sorted(f"{v}-s0" for v in variants)
