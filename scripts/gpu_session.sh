@@ -48,15 +48,15 @@ code() { if [ "$1" = 124 ]; then echo 3; else echo "$1"; fi; }
 
 need_out() { [ -n "${OUT:-}" ] || die "\$OUT is not set (the device tool sets it; set it to a folder to run this elsewhere)"; mkdir -p "$OUT"; }
 
-# torch-fidelity: the carried wheel, installed beside the tree (the GPU machine's python has none of its own).
+# torch-fidelity: the carried wheel, installed beside the tree (the GPU machine's python has none of its own);
+# .transfer/site is on the path of every python this script starts, installed in or not.
+export PYTHONPATH=$root/.transfer/site${PYTHONPATH:+:$PYTHONPATH}
 fidelity() {
-  if [ -d .transfer/site ]; then export PYTHONPATH=$root/.transfer/site${PYTHONPATH:+:$PYTHONPATH}; fi
   "$py" -c 'import torch_fidelity' 2>/dev/null && return 0
   local whl
   whl=$(ls $bundle/torch_fidelity-*.whl 2>/dev/null | head -n 1) || true
   [ -n "$whl" ] || die "torch-fidelity is not installed and no wheel is in $bundle (a fresh machine: run call 1 again)"
   "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target .transfer/site "$whl"
-  export PYTHONPATH=$root/.transfer/site${PYTHONPATH:+:$PYTHONPATH}
 }
 
 check() {
@@ -71,12 +71,12 @@ check() {
   mkdir -p "$work"
   # The check writes summary.json after every stage, so what a timeout leaves is still reported; the
   # stages the study is sized from (probe, fid_timing) come before the CUDA tests and the bench.
-  local rc=0
-  PYTHON=$py timeout "${CHECK_SECONDS:-290}" bash scripts/gpu_check.sh "$work/check" "${opts[@]}" "${args[@]}" || rc=$?
+  local rc=0 seconds=${CHECK_SECONDS:-290}
+  PYTHON=$py timeout "$seconds" bash scripts/gpu_check.sh "$work/check" "${opts[@]}" "${args[@]}" || rc=$?
   for f in summary.md summary.json bench.json log.txt; do
     if [ -f "$work/check/$f" ]; then cp "$work/check/$f" "$OUT/check-$f"; fi
   done
-  echo "check: exit $rc$(stopped "$rc" "${CHECK_SECONDS:-290} s"); $OUT/check-summary.md"
+  echo "check: exit $rc$(stopped "$rc" "$seconds s"); $OUT/check-summary.md"
   return "$(code "$rc")"
 }
 
@@ -97,8 +97,8 @@ study() {
   fidelity
   local minutes=${args[0]:-6} file=configs/study-gpu-runs.yaml out=runs/study-gpu sets=() sizing
   [[ $minutes =~ ^[0-9]+(\.[0-9]+)?$ ]] || die "MINUTES must be a number of minutes, not '$minutes'"
-  # Sized from call 1's check; on a CPU (the dry run) its numbers leave no training time, so the warning is
-  # what the dry run shows, and its tiny sizes below stand.
+  # Sized from call 1's check. A dry run's check sizes nothing (its stages were skipped, or its CPU numbers
+  # leave no training time): the warning is what it shows, and its tiny sizes below stand.
   if [ -f "$work/check/summary.json" ] &&
      sizing=$("$py" scripts/size_study.py "$work/check/summary.json" --budget-minutes "$minutes"); then
     read -ra sets <<< "$sizing"
