@@ -168,9 +168,14 @@ import_() {
   # The comparison again from the imported runs, so that its tables name the docs' run folders (if this
   # fails, the study's own comparison, made on the GPU and unpacked above, stays), with the speed-ups also
   # at looser targets than BN's best: 2, 1.5 and 1.25 times it (the target of the unpacked comparison).
+  # An archive without one (the study was stopped before it compared) is compared here first, for BN's best.
   local metric json also
   for metric in fid kid; do
     json=$dest/compare.json; [ "$metric" = kid ] && json=$dest/compare-kid.json
+    if [ ! -f "$json" ]; then
+      "$py" cli.py compare "$dest/runs" --out "$dest" --common-steps --metric "$metric" \
+        || die "import: the imported runs could not be compared by $metric (compare's reason above); the runs are in $dest/runs"
+    fi
     also=$("$py" -c "import json, sys; t = json.load(open(sys.argv[1]))['target']; print(','.join(f'{t * m:.4g}' for m in (2, 1.5, 1.25)))" "$json")
     "$py" cli.py compare "$dest/runs" --out "$dest" --common-steps --metric "$metric" --also-at "$also"
   done

@@ -65,6 +65,20 @@ def test_check_study_and_import_dry_run_bring_home_what_docs_keep(tmp_path):
         looser = [a["target"] for a in result["at_targets"]]
         assert looser == pytest.approx([result["target"] * m for m in (2, 1.5, 1.25)], rel=1e-3)
         assert "Steps to reach other targets" in (docs / f"{name}.md").read_text()
+    # A study stopped before it compared packs no comparison: import makes it, for BN's best and the looser
+    # targets alike.
+    out3, docs3 = tmp_path / "out3", tmp_path / "docs3"
+    out3.mkdir()
+    with tarfile.open(out2 / "study-gpu.tar.gz") as src, tarfile.open(out3 / "study-gpu.tar.gz", "w:gz") as dst:
+        for m in src.getmembers():
+            if not m.name.removeprefix("./").startswith("compare"):
+                dst.addfile(m, src.extractfile(m) if m.isfile() else None)
+    r = _session("import", str(out3), env={"DEST": str(docs3)})
+    assert r.returncode == 0, r.stderr
+    for name in ("compare", "compare-kid"):
+        assert (json.loads((docs3 / f"{name}.json").read_text())["at_targets"]
+                == json.loads((docs / f"{name}.json").read_text())["at_targets"])
+
     for run in runs:
         evals = [json.loads(line) for line in (docs / "runs" / run / "metrics.jsonl").read_text().splitlines()]
         assert [e["step"] for e in evals if "fid" in e] == [10]
@@ -81,6 +95,16 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
         (["study"], {"OUT": str(tmp_path / "o"), "GPU_SESSION_DIR": str(tmp_path / "w"),
                      "GPU_BUNDLE": str(tmp_path / "bundle")}, f"no {tmp_path / 'bundle'}/inception-nohead-fp16.pth"),
     ]
+    # An archive whose runs were never evaluated (the study stopped before the first evaluation).
+    unevaluated = tmp_path / "unevaluated"
+    (unevaluated / "runs" / "bn-s0").mkdir(parents=True)
+    (unevaluated / "runs" / "bn-s0" / "config.yaml").write_text("model:\n  norm: bn\n")
+    (unevaluated / "runs" / "bn-s0" / "metrics.jsonl").write_text("")
+    (tmp_path / "call2").mkdir()
+    with tarfile.open(tmp_path / "call2" / "study-gpu.tar.gz", "w:gz") as tar:
+        tar.add(unevaluated, arcname=".")
+    cases.append((["import", str(tmp_path / "call2")], {"DEST": str(tmp_path / "docs")},
+                  "import: the imported runs could not be compared by fid"))
     for argv, env, message in cases:
         r = _session(*argv, env=env, timeout=120)
         lines = r.stderr.strip().splitlines()

@@ -319,7 +319,8 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
         if r.evals:
             kept.append(r)
             continue
-        why = "no metrics.jsonl" if not r.records else f"no {metric_key} evaluations yet (last step {r.last_step})"
+        why = ("metrics.jsonl missing or empty" if not r.records
+               else f"no {metric_key} evaluations yet (last step {r.last_step})")
         if r.config.eval.every == 0 and r.records:
             why = f"no {metric_key} evaluations (eval.every is 0)"
         skipped.append({"run": str(r.path), "reason": why})
