@@ -149,7 +149,23 @@ def test_speedups_at_extra_targets(study_runs, tmp_path):
     assert "| norm=bn | 1500 ± 707 | 2500 ± 707 | not reached |" in r.output
 
 
-@pytest.mark.parametrize("value", ["100,abc", "nan"])
+def test_extra_targets_as_multiples_of_the_main_target(study_runs, tmp_path):
+    """--also-at 2x,1.5x: BN's best (42) times each, the same numbers as the absolute values 84 and 63, mixed
+    with an absolute one; with --target the multiples are of that target."""
+    out, ref = tmp_path / "rel", tmp_path / "abs"
+    r = CliRunner().invoke(cli, ["compare", str(study_runs[0].parent), "--out", str(out), "--also-at", "2x, 1.5X,35"])
+    assert r.exit_code == 0, r.output
+    rel = json.loads((out / "compare.json").read_text())["at_targets"]
+    assert [(a["target"], a["times_target"]) for a in rel] == [(pytest.approx(84), 2.0), (pytest.approx(63), 1.5),
+                                                               (35, None)]
+    assert "| group | fid ≤ 84.00 (2× target) | fid ≤ 63.00 (1.5× target) | fid ≤ 35.00 |" in r.output
+    absolute = compare_runs(study_runs, ref, also_at=(84, 63, 35)).data["at_targets"]
+    assert [a["groups"] for a in rel] == [a["groups"] for a in absolute]
+    with_target = compare_runs(study_runs, ref, target=50, also_at=("2x",)).data["at_targets"]
+    assert with_target[0]["target"] == 100 and with_target[0]["times_target"] == 2
+
+
+@pytest.mark.parametrize("value", ["100,abc", "nan", "2x,abcx", "-2x", "0x", "infx"])
 def test_bad_extra_targets_are_one_line_errors(study_runs, tmp_path, value):
     r = CliRunner().invoke(cli, ["compare", str(study_runs[0].parent), "--out", str(tmp_path), "--also-at", value])
     assert r.exit_code != 0 and "Traceback" not in r.output

@@ -256,6 +256,17 @@ def group_numbers(group: Group, target: Optional[float]) -> dict:
     }
 
 
+def _factor(t) -> Optional[float]:
+    """"1.5x" -> 1.5 (a multiple of the main target); None for an absolute target."""
+    if not (isinstance(t, str) and t.lower().endswith("x")):
+        return None
+    try:
+        return float(t[:-1])
+    except ValueError:
+        raise CompareError(f"compare: an extra target must be a number or a multiple of the target like "
+                           f"2x, got {t!r}") from None
+
+
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if a is not None and b else None
 
@@ -297,16 +308,20 @@ def default_out(runs: list[Path]) -> Path:
 def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", target: Optional[float] = None,
                  force: bool = False, baseline: Optional[str] = None,
                  warn: Callable[[str], None] = lambda m: None, common_steps: bool = False,
-                 also_at: Sequence[float] = ()) -> CompareResult:
+                 also_at: Sequence[float | str] = ()) -> CompareResult:
     """Read the runs, group them, write compare[-kid].{md,json,png} to `out`; see the module docstring.
 
     common_steps: only the evaluations up to the last step that every run reached, so that runs stopped
     at different steps (a time budget) are judged over the same training.
-    also_at: more metric values at which to report steps to target and speed-ups (a second table)."""
+    also_at: more metric values at which to report steps to target and speed-ups (a second table); a
+    string "2x" is that multiple of the main target (of the baseline's best unless `target` is given)."""
     if metric not in METRICS:
         raise CompareError(f"compare: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    if not all(_finite(t) for t in also_at):
-        raise CompareError(f"compare: the extra targets must be finite numbers, got {list(also_at)}")
+    factors = [_factor(t) for t in also_at]  # None for an absolute value
+    if not all(_finite(t) for t, f in zip(also_at, factors) if f is None) or \
+            not all(_finite(f) and f > 0 for f in factors if f is not None):
+        raise CompareError(f"compare: the extra targets must be finite numbers or positive multiples of the "
+                           f"target such as 2x, got {list(also_at)}")
     metric_key = METRICS[metric]
     paths = expand_run_dirs(run_dirs)
     if not paths:
@@ -349,10 +364,12 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
     _add_speedups(numbers, base_index)
     # The same steps-to-target and speed-ups at other targets (e.g. looser FIDs that every group reaches).
     at_targets = []
-    for t in also_at:
+    for t, factor in zip(also_at, factors):
+        t = target * factor if factor is not None else t
         at = [group_numbers(g, t) for g in groups]
         _add_speedups(at, base_index)
-        at_targets.append({"target": t, "groups": [{k: n[k] for k in AT_TARGET_KEYS} for n in at]})
+        at_targets.append({"target": t, "times_target": factor,
+                           "groups": [{k: n[k] for k in AT_TARGET_KEYS} for n in at]})
 
     notes = []
     sources = {str(r.flat.get(k)) for r in kept for k in ("data.path", "eval.reference")}

@@ -93,11 +93,17 @@ def markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _times(at_target: dict) -> str:
+    factor = at_target.get("times_target")
+    return f" ({factor:g}× target)" if factor is not None else ""
+
+
 def _at_targets_table(result: dict, fmt: str) -> str:
     """Per group and extra target: steps to target, then the speed-up in steps and in training time."""
     metric, base = result["metric"], result["baseline"]
     rows = [f"Steps to reach other targets, and speed-up vs **{base}** in steps / in training time:", "",
-            "| group | " + " | ".join(f"{metric} ≤ {_num(a['target'], fmt)}" for a in result["at_targets"]) + " |",
+            "| group | " + " | ".join(f"{metric} ≤ {_num(a['target'], fmt)}" + _times(a) for a in result["at_targets"])
+            + " |",
             "|---" * (len(result["at_targets"]) + 1) + "|"]
     for i, g in enumerate(result["groups"]):
         cells = []
