@@ -256,15 +256,18 @@ def group_numbers(group: Group, target: Optional[float]) -> dict:
     }
 
 
-def _factor(t) -> Optional[float]:
-    """"1.5x" -> 1.5 (a multiple of the main target); None for an absolute target."""
-    if not (isinstance(t, str) and t.lower().endswith("x")):
-        return None
+def _extra_target(t) -> tuple[float, bool]:
+    """One also_at value: 250 or "250" -> (250.0, False); "1.5x" -> (1.5, True), a multiple of the main target."""
+    text = str(t).strip()
+    relative = text.lower().endswith("x")
     try:
-        return float(t[:-1])
+        value = float(text[:-1] if relative else text)
     except ValueError:
-        raise CompareError(f"compare: an extra target must be a number or a multiple of the target like "
-                           f"2x, got {t!r}") from None
+        value = math.nan
+    if isinstance(t, bool) or not math.isfinite(value) or (relative and value <= 0):
+        raise CompareError(f"compare: extra targets must be finite numbers or positive multiples of the target "
+                           f"such as 2x, got {t!r}")
+    return value, relative
 
 
 def _ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
@@ -317,11 +320,7 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
     string "2x" is that multiple of the main target (of the baseline's best unless `target` is given)."""
     if metric not in METRICS:
         raise CompareError(f"compare: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    factors = [_factor(t) for t in also_at]  # None for an absolute value
-    if not all(_finite(t) for t, f in zip(also_at, factors) if f is None) or \
-            not all(_finite(f) and f > 0 for f in factors if f is not None):
-        raise CompareError(f"compare: the extra targets must be finite numbers or positive multiples of the "
-                           f"target such as 2x, got {list(also_at)}")
+    extra = [_extra_target(t) for t in also_at]
     metric_key = METRICS[metric]
     paths = expand_run_dirs(run_dirs)
     if not paths:
@@ -364,11 +363,11 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
     _add_speedups(numbers, base_index)
     # The same steps-to-target and speed-ups at other targets (e.g. looser FIDs that every group reaches).
     at_targets = []
-    for t, factor in zip(also_at, factors):
-        t = target * factor if factor is not None else t
+    for value, relative in extra:
+        t = target * value if relative else value
         at = [group_numbers(g, t) for g in groups]
         _add_speedups(at, base_index)
-        at_targets.append({"target": t, "times_target": factor,
+        at_targets.append({"target": t, "times_target": value if relative else None,
                            "groups": [{k: n[k] for k in AT_TARGET_KEYS} for n in at]})
 
     notes = []
