@@ -43,9 +43,9 @@ def user_errors(fn):
     return click.option("--debug", is_flag=True, help="Show full tracebacks instead of one-line errors.")(wrapper)
 
 
-def _comma_list(ctx, param, value: str) -> tuple[str, ...]:
+def _comma_list(ctx, param, value: str | None) -> tuple[str, ...] | None:
     """click callback: "250, 2x" -> ("250", "2x"); what each item means is the command's to check."""
-    return tuple(v.strip() for v in value.split(",") if v.strip())
+    return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
 def _is_main_process() -> bool:
@@ -275,6 +275,9 @@ def compare(run_dirs, out, metric, target, also_at, baseline, force, common_step
 @click.option("--budget-minutes", type=click.FloatRange(min=0, min_open=True),
               help="Stop every run cleanly (checkpoint) this long after the start, then compare over the "
                    "steps all runs reached [default: the file's budget_minutes, else none].")
+@click.option("--also-at", metavar="2x,1.5x,...", callback=_comma_list,
+              help="Multiples of the target (the baseline's best) at which the comparison also reports steps "
+                   "to target and speed-ups [default: the file's also_at, else none].")
 @click.option("--set", "sets", multiple=True, metavar="KEY=VALUE",
               help="Config override for every run, over the file's set: (repeatable).")
 @click.option("--dry-run", is_flag=True, help="List each run's state and command; train nothing.")
@@ -282,7 +285,7 @@ def compare(run_dirs, out, metric, target, also_at, baseline, force, common_step
               help="Print one self-contained train command per unfinished run (for a SLURM array or "
                    "any scheduler) and exit; a later `study FILE` compares what has finished.")
 @user_errors
-def study(study_file, jobs, budget_minutes, sets, dry_run, emit_commands):
+def study(study_file, jobs, budget_minutes, also_at, sets, dry_run, emit_commands):
     """Train every (variant, seed) of a study file, then compare them into OUT/compare.
 
     \b
@@ -292,6 +295,7 @@ def study(study_file, jobs, budget_minutes, sets, dry_run, emit_commands):
       seeds: [0, 1]                 # default seeds
       set: {train.device: cpu}      # optional overrides for every variant
       budget_minutes: 7             # optional time budget for the whole study
+      also_at: [2x, 1.5x]           # optional looser targets, multiples of the baseline's best
       variants:                     # name: dotted overrides [+ own seeds]
         bn: {model.norm: bn}
         mn: {model.norm: mn}
@@ -303,8 +307,10 @@ def study(study_file, jobs, budget_minutes, sets, dry_run, emit_commands):
     checkpoint) the same command continues the study.
     """
     from gan.core.config import parse_assignment
-    from gan.tools.study import emit_commands as commands, load_study, run_study
+    from gan.tools.study import check_also_at, emit_commands as commands, load_study, run_study
     study = load_study(study_file, dict(parse_assignment(s) for s in sets))
+    if also_at is not None:
+        study.also_at = check_also_at(list(also_at), "--also-at")
     if emit_commands:
         for line in commands(study):
             click.echo(line)

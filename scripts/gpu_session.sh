@@ -166,8 +166,8 @@ import_() {
   if [ -f "$from/study.log" ]; then cp "$from/study.log" "$dest/"; fi
   echo "import: $(ls "$dest/runs" | wc -l) runs into $dest"
   # The comparison again from the imported runs, so that its tables name the docs' run folders, with the
-  # speed-ups also at looser targets than BN's best: 2, 1.5 and 1.25 times it. An archive without a
-  # comparison (the study was stopped before it compared) gets its first one here.
+  # speed-ups also at looser targets than BN's best: 2, 1.5 and 1.25 times it, as the study file's also_at.
+  # An archive without a comparison (the study was stopped before it compared) gets its first one here.
   local metric
   for metric in fid kid; do
     "$py" cli.py compare "$dest/runs" --out "$dest" --common-steps --metric "$metric" --also-at 2x,1.5x,1.25x \

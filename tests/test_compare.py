@@ -332,7 +332,7 @@ def test_study_skips_finished_runs(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"variant": {}}, "unknown key 'variant' (known: base, out, seeds, set, budget_minutes, variants"),
+    ({"variant": {}}, "unknown key 'variant' (known: base, out, seeds, set, budget_minutes, also_at, variants"),
     ({"base": "nope.yaml"}, "base config nope.yaml not found"),
     ({"seeds": [0, "one"]}, "seeds must be a non-empty list of seeds"),
     ({"variants": {"mn": {"model.nrom": "mn"}}}, "variant 'mn': config: unknown key 'model.nrom'"),
@@ -344,6 +344,12 @@ def test_study_skips_finished_runs(tmp_path, monkeypatch):
     ({"variants": {"mn": "mn"}}, "variant 'mn' must be a mapping of dotted config keys"),
     ({"variants": {}}, "variants must be a non-empty mapping"),
     ({"set": {"run_dir": "x"}}, "set sets run_dir"),
+    # An absolute value would be an FID for the FID table and a KID for the KID table.
+    ({"also_at": [250]}, "also_at must list multiples of the target such as [2x, 1.5x, 1.25x]"),
+    ({"also_at": ["2x", "-1x"]}, "also_at must list multiples of the target such as [2x, 1.5x, 1.25x] (they "
+                                 "apply to FID and KID alike), got '-1x'"),
+    ({"also_at": "soon"}, "also_at must list multiples of the target such as [2x, 1.5x, 1.25x] (they apply to "
+                          "FID and KID alike), got 'soon'"),
 ])
 def test_bad_study_file_fails_with_one_clear_line(tmp_path, monkeypatch, change, message):
     monkeypatch.chdir(tmp_path)
@@ -352,6 +358,42 @@ def test_bad_study_file_fails_with_one_clear_line(tmp_path, monkeypatch, change,
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("error: study: study.yaml")
     assert message in r.stderr
     assert "train --config" not in r.output
+
+
+def test_study_compares_at_multiples_of_the_target_from_the_file_or_the_command_line(tmp_path, monkeypatch):
+    """also_at: [2x, 1.5x] gives the study's FID and KID comparisons those looser targets; --also-at replaces
+    them, and a bad --also-at is one line before anything is compared."""
+    from gan.tools.study import load_study
+    monkeypatch.chdir(tmp_path)
+    path = write_study(tmp_path, {**STUDY, "also_at": ["2x", "1.5x"],
+                                  "variants": {v: STUDY["variants"][v] for v in ("bn", "mn")}})
+    for i, run in enumerate(load_study(path).runs):  # every run finished, so the study only compares
+        run.run_dir.mkdir(parents=True)
+        (run.run_dir / "config.yaml").write_text(run.config.to_yaml())
+        (run.run_dir / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "fid": f, "kid_mean": f / 1000, "train_time": s * 0.1}) + "\n"
+            for s, f in ((20, 80.0 + i), (40, 50.0 + i))))
+
+    def looser_targets(*args):
+        r = CliRunner().invoke(cli, ["study", path, *args])
+        assert r.exit_code == 0, r.output
+        assert "4 runs (4 finished, 0 to train)" in r.output and "Steps to reach other targets" in r.output
+        got = []
+        for name in ("compare", "compare-kid"):
+            result = json.loads((tmp_path / "out" / "compare" / f"{name}.json").read_text())
+            assert result["target"] == (50.5 if name == "compare" else 0.0505)  # bn's best, mean of 50 and 51
+            assert [a["target"] for a in result["at_targets"]] == [result["target"] * a["times_target"]
+                                                                   for a in result["at_targets"]]
+            got.append([a["times_target"] for a in result["at_targets"]])
+        return got
+    assert looser_targets() == [[2, 1.5], [2, 1.5]]
+    assert looser_targets("--also-at", "1.25x") == [[1.25], [1.25]]
+    before = (tmp_path / "out" / "compare" / "compare.json").read_text()
+    r = CliRunner().invoke(cli, ["study", path, "--also-at", "2x,120"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1
+    assert r.stderr.startswith("error: study: --also-at must list multiples of the target")
+    assert r.stderr.rstrip().endswith("got '120'")
+    assert (tmp_path / "out" / "compare" / "compare.json").read_text() == before
 
 
 def test_shipped_study_files_plan_the_issue_runs(monkeypatch):
@@ -379,3 +421,4 @@ def test_shipped_study_files_plan_the_issue_runs(monkeypatch):
     assert g.eval.num_samples == 10_000 and g.eval.reference == "train" and g.eval.reference_samples == 0
     assert g.train.steps % g.eval.every == 0 and g.ckpt.every == g.eval.every  # every run: the same eval steps
     assert gpu.budget_minutes is not None and gpu.budget_minutes <= 7
+    assert gpu.also_at == ("2x", "1.5x", "1.25x")  # the looser targets the results report

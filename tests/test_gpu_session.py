@@ -43,6 +43,7 @@ def test_check_study_and_import_dry_run_bring_home_what_docs_keep(tmp_path):
     runs = sorted(f"{v}-s0" for v in variants)
     assert f"{len(runs)} runs at once, budget 5 min" in log
     assert f"# FID: {len(runs)} groups, {len(runs)} runs" in log and "budget of 5 min reached" not in log
+    assert "Steps to reach other targets" in log  # the study file's also_at: the device's table has them too
 
     with tarfile.open(out2 / "study-gpu.tar.gz") as tar:
         names = {n.removeprefix("./") for n in tar.getnames()}

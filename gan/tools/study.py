@@ -7,6 +7,7 @@ A study file (YAML; paths in it are relative to the current folder, like the pat
     seeds: [0, 1]                  # seeds for every variant that does not list its own
     set: {train.device: cpu}       # optional: dotted overrides for every variant
     budget_minutes: 7              # optional: stop every run cleanly this long after the study starts
+    also_at: [2x, 1.5x]            # optional: steps to and speed-ups at these multiples of the target too
     variants:                      # name: dotted config overrides (and optionally its own seeds)
       bn: {model.norm: bn}
       mn: {model.norm: mn}
@@ -42,7 +43,7 @@ from gan.core.run_folder import RunFolder
 from gan.tools.launcher import duration, train_all
 
 CLI = Path(__file__).resolve().parents[2] / "cli.py"
-KEYS = ("base", "out", "seeds", "set", "budget_minutes", "variants")
+KEYS = ("base", "out", "seeds", "set", "budget_minutes", "also_at", "variants")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+=-]*$")
 # Config keys the study sets itself (their `study` role in gan/core/config.py says why a file may not).
 STUDY_OWNED = {k: roles["study"] for k, roles in KEY_ROLES.items() if roles["study"]}
@@ -78,6 +79,7 @@ class Study:
     out: Path
     runs: list[PlannedRun]
     budget_minutes: float | None = None
+    also_at: tuple[str, ...] = ()
 
 
 # ---------------------------------------------------------------- the study file
@@ -121,6 +123,24 @@ def _budget(value, where: str) -> float | None:
     return float(value)
 
 
+def check_also_at(value, where: str) -> tuple[str, ...]:
+    """Multiples of the target only (2x, 1.5x): the study compares by FID and by KID, and an absolute value
+    would mean something for one of them only."""
+    from gan.tools.compare import CompareError, _extra_target
+
+    def multiple(t) -> bool:
+        try:
+            return isinstance(t, str) and _extra_target(t)[1]
+        except CompareError:
+            return False
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    bad = [t for t in items if not multiple(t)]
+    if bad:
+        raise StudyError(f"study: {where} must list multiples of the target such as [2x, 1.5x, 1.25x] (they "
+                         f"apply to FID and KID alike), got {bad[0]!r}")
+    return tuple(t.strip() for t in items)
+
+
 def load_study(path: str | Path, sets: dict | None = None) -> Study:
     """Read and check a study file; every run's config is resolved and validated before anything runs.
 
@@ -152,6 +172,7 @@ def load_study(path: str | Path, sets: dict | None = None) -> Study:
     seeds = _seeds(data.get("seeds", [0]), "seeds", path)
     common = {**_overrides(data.get("set"), "set", path), **_overrides(sets, "--set", path)}
     budget = _budget(data.get("budget_minutes"), f"{path}: budget_minutes")
+    also_at = check_also_at(data.get("also_at"), f"{path}: also_at")
     variants = data["variants"]
     if not isinstance(variants, dict) or not variants:
         raise StudyError(f"study: {path}: variants must be a non-empty mapping of name: {{dotted.key: value}}")
@@ -179,7 +200,7 @@ def load_study(path: str | Path, sets: dict | None = None) -> Study:
                 argv += ["--set", s]
             argv += ["--seed", str(seed), "--out", str(run_dir), "--resume", "auto", "--quiet"]
             runs.append(PlannedRun(run_name, name, seed, run_dir, cfg, sets, argv))
-    return Study(path, base, Path(out), runs, budget)
+    return Study(path, base, Path(out), runs, budget, also_at)
 
 
 # ---------------------------------------------------------------- running it
@@ -231,6 +252,7 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
 
     budget_minutes (else the study file's): at that time after the start, every run still training is
     stopped with a checkpoint; the comparison covers the steps that every run reached.
+    The comparison also reports steps to target and speed-ups at the multiples of the target in study.also_at.
     Returns the fid CompareResult (None for a dry run)."""
     started = time.monotonic()
     budget = budget_minutes if budget_minutes is not None else study.budget_minutes
@@ -266,7 +288,8 @@ def run_study(study: Study, jobs: int = 1, dry_run: bool = False,
     if dirs:
         for metric in ("fid", "kid"):
             try:
-                res = compare_runs(dirs, study.out / "compare", metric, warn=warn, common_steps=True)
+                res = compare_runs(dirs, study.out / "compare", metric, warn=warn, common_steps=True,
+                                   also_at=study.also_at)
             except CompareError as e:
                 warn(f"{'error' if metric == 'fid' else 'warning'}: {e}")
                 continue
