@@ -256,7 +256,7 @@ def group_numbers(group: Group, target: Optional[float]) -> dict:
     }
 
 
-def _extra_target(t) -> tuple[float, bool]:
+def extra_target(t) -> tuple[float, bool]:
     """One also_at value: 250 or "250" -> (250.0, False); "1.5x" -> (1.5, True), a multiple of the main target."""
     text = str(t).strip()
     relative = text.lower().endswith("x")
@@ -320,7 +320,7 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
     string "2x" is that multiple of the main target (of the baseline's best unless `target` is given)."""
     if metric not in METRICS:
         raise CompareError(f"compare: metric must be one of {', '.join(METRICS)}, got {metric!r}")
-    extra = [_extra_target(t) for t in also_at]
+    extra = [extra_target(t) for t in also_at]
     metric_key = METRICS[metric]
     paths = expand_run_dirs(run_dirs)
     if not paths:

@@ -126,11 +126,11 @@ def _budget(value, where: str) -> float | None:
 def check_also_at(value, where: str) -> tuple[str, ...]:
     """Multiples of the target only (2x, 1.5x): the study compares by FID and by KID, and an absolute value
     would mean something for one of them only."""
-    from gan.tools.compare import CompareError, _extra_target
+    from gan.tools.compare import CompareError, extra_target
 
     def multiple(t) -> bool:
         try:
-            return isinstance(t, str) and _extra_target(t)[1]
+            return isinstance(t, str) and extra_target(t)[1]
         except CompareError:
             return False
     items = [] if value is None else value if isinstance(value, list) else [value]
