@@ -310,7 +310,7 @@ def study(study_file, jobs, budget_minutes, also_at, sets, dry_run, emit_command
     from gan.tools.study import check_also_at, emit_commands as commands, load_study, run_study
     study = load_study(study_file, dict(parse_assignment(s) for s in sets))
     if also_at is not None:
-        study.also_at = check_also_at(list(also_at), "--also-at")
+        study.also_at = check_also_at(also_at, "--also-at")
     if emit_commands:
         for line in commands(study):
             click.echo(line)

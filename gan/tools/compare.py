@@ -264,7 +264,7 @@ def extra_target(t) -> tuple[float, bool]:
         value = float(text[:-1] if relative else text)
     except ValueError:
         value = math.nan
-    if isinstance(t, bool) or not math.isfinite(value) or (relative and value <= 0):
+    if not math.isfinite(value) or (relative and value <= 0):  # a bool too: str(True) is no number
         raise CompareError(f"compare: extra targets must be finite numbers or positive multiples of the target "
                            f"such as 2x, got {t!r}")
     return value, relative

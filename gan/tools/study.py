@@ -133,7 +133,7 @@ def check_also_at(value, where: str) -> tuple[str, ...]:
             return isinstance(t, str) and extra_target(t)[1]
         except CompareError:
             return False
-    items = [] if value is None else value if isinstance(value, list) else [value]
+    items = [] if value is None else list(value) if isinstance(value, (list, tuple)) else [value]
     bad = [t for t in items if not multiple(t)]
     if bad:
         raise StudyError(f"study: {where} must list multiples of the target such as [2x, 1.5x, 1.25x] (they "
