@@ -14,8 +14,8 @@
 #         $OUT/study-gpu.tar.gz what docs/study-gpu/ keeps: each run's config.yaml, metrics.jsonl and
 #         train.log, its last sample grid, the comparison, the check's summary; $OUT/study.log is the output.
 # import  unpacks that archive into docs/study-gpu/ (or $DEST) with the study's log, and compares the
-#         imported runs there again (FID and KID over the steps every run reached, also at 2, 1.5 and
-#         1.25 times BN's best).
+#         imported runs there again (FID and KID over the steps every run reached, also at the multiples
+#         of BN's best that the archive's study.yaml lists as also_at: 2, 1.5 and 1.25 for the GPU file).
 #
 # --cpu-dry-run, after check or study: the same steps at tiny sizes on the CPU, one seed per variant of the
 # real study file (tests/test_gpu_session.py). Python: $PYTHON, else the project's .venv, else python3 (the
@@ -167,11 +167,15 @@ import_() {
   if [ -f "$from/study.log" ]; then cp "$from/study.log" "$dest/"; fi
   echo "import: $(ls "$dest/runs" | wc -l) runs into $dest"
   # The comparison again from the imported runs, so that its tables name the docs' run folders, with the
-  # speed-ups also at looser targets than BN's best: 2, 1.5 and 1.25 times it, as the study file's also_at.
+  # speed-ups also at the looser targets that the study file carried in the archive asks for (its also_at).
   # An archive without a comparison (the study was stopped before it compared) gets its first one here.
-  local metric
+  local metric also=""
+  if [ -f "$dest/study.yaml" ]; then
+    also=$("$py" -c 'import sys, yaml; print(",".join(map(str, (yaml.safe_load(open(sys.argv[1])) or {}).get("also_at") or [])))' \
+      "$dest/study.yaml") || die "import: $dest/study.yaml (the archive's study file) could not be read"
+  fi
   for metric in fid kid; do
-    "$py" cli.py compare "$dest/runs" --out "$dest" --common-steps --metric "$metric" --also-at 2x,1.5x,1.25x \
+    "$py" cli.py compare "$dest/runs" --out "$dest" --common-steps --metric "$metric" --also-at "$also" \
       || die "import: the imported runs could not be compared by $metric (compare's reason above); the runs are in $dest/runs"
   done
 }

@@ -2,6 +2,7 @@
 --cpu-dry-run (tiny sizes, one seed per variant of the real study file), and its one-line refusals."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -67,18 +68,25 @@ def test_check_study_and_import_dry_run_bring_home_what_docs_keep(tmp_path):
             [(result["target"] * m, m) for m in (2, 1.5, 1.25)]
         assert "Steps to reach other targets" in (docs / f"{name}.md").read_text()
     # A study stopped before it compared packs no comparison: import makes it, for BN's best and the looser
-    # targets alike.
+    # targets alike, and the looser targets are the archive's study file's (here edited to 3x), not fixed ones.
     out3, docs3 = tmp_path / "out3", tmp_path / "docs3"
     out3.mkdir()
     with tarfile.open(out2 / "study-gpu.tar.gz") as src, tarfile.open(out3 / "study-gpu.tar.gz", "w:gz") as dst:
         for m in src.getmembers():
-            if not m.name.removeprefix("./").startswith("compare"):
+            name = m.name.removeprefix("./")
+            if name == "study.yaml":
+                study = yaml.safe_load(src.extractfile(m)) | {"also_at": ["3x"]}
+                data = yaml.safe_dump(study).encode()
+                m.size = len(data)
+                dst.addfile(m, io.BytesIO(data))
+            elif not name.startswith("compare"):
                 dst.addfile(m, src.extractfile(m) if m.isfile() else None)
     r = _session("import", str(out3), env={"DEST": str(docs3)})
     assert r.returncode == 0, r.stderr
     for name in ("compare", "compare-kid"):
-        assert (json.loads((docs3 / f"{name}.json").read_text())["at_targets"]
-                == json.loads((docs / f"{name}.json").read_text())["at_targets"])
+        result, before = (json.loads((d / f"{name}.json").read_text()) for d in (docs3, docs))
+        assert result["target"] == before["target"]
+        assert [(a["target"], a["times_target"]) for a in result["at_targets"]] == [(result["target"] * 3, 3)]
 
     for run in runs:
         evals = [json.loads(line) for line in (docs / "runs" / run / "metrics.jsonl").read_text().splitlines()]
