@@ -171,8 +171,16 @@ import_() {
   # An archive without a comparison (the study was stopped before it compared) gets its first one here.
   local metric also=""
   if [ -f "$dest/study.yaml" ]; then
-    also=$("$py" -c 'import sys, yaml; print(",".join(map(str, (yaml.safe_load(open(sys.argv[1])) or {}).get("also_at") or [])))' \
-      "$dest/study.yaml") || die "import: $dest/study.yaml (the archive's study file) could not be read"
+    also=$("$py" - "$dest/study.yaml" 2>&1 <<'PY'
+import sys, yaml
+sys.path.insert(0, ".")
+from gan.tools.study import StudyError, check_also_at  # the study file's own rule: multiples of the target
+try:
+    print(",".join(check_also_at(yaml.safe_load(open(sys.argv[1])).get("also_at"), sys.argv[1] + ": also_at")))
+except (StudyError, OSError, yaml.YAMLError, AttributeError) as e:
+    sys.exit(" ".join(str(e).split()))  # one line for die
+PY
+    ) || die "import: the archive's study file: $also"
   fi
   for metric in fid kid; do
     "$py" cli.py compare "$dest/runs" --out "$dest" --common-steps --metric "$metric" --also-at "$also" \

@@ -114,6 +114,14 @@ def test_bad_input_is_refused_in_one_line(tmp_path):
         tar.add(unevaluated, arcname=".")
     cases.append((["import", str(tmp_path / "call2")], {"DEST": str(tmp_path / "docs")},
                   "import: the imported runs could not be compared by fid"))
+    # An archive whose study file asks for an absolute also_at (the study's rule is multiples only).
+    (unevaluated / "study.yaml").write_text("also_at: [250]\n")
+    (tmp_path / "call2b").mkdir()
+    with tarfile.open(tmp_path / "call2b" / "study-gpu.tar.gz", "w:gz") as tar:
+        tar.add(unevaluated, arcname=".")
+    cases.append((["import", str(tmp_path / "call2b")], {"DEST": str(tmp_path / "docs2")},
+                  "must list multiples of the target such as [2x, 1.5x, 1.25x] (they apply to FID and KID alike), "
+                  "got 250"))
     for argv, env, message in cases:
         r = _session(*argv, env=env, timeout=120)
         lines = r.stderr.strip().splitlines()
