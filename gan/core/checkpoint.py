@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import traceback
 import warnings
 from pathlib import Path
 
@@ -43,7 +44,11 @@ def atomic_save(obj, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            try:
+                torch.save(obj, f)
+            except BaseException as e:
+                _free_zip_writer(e)  # while `f` is still open
+                raise
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -62,6 +67,21 @@ def atomic_save(obj, path: Path) -> None:
             os.close(fd)
     except OSError:
         pass
+
+
+def _free_zip_writer(e: BaseException) -> None:
+    """Free torch.save's zip writer now, through the frames that the exception's tracebacks keep alive.
+
+    A Ctrl-C that lands as the writer's `with` block exits leaves the zip unfinished, and the writer finishes
+    it whenever it is freed. Freed at interpreter exit, after `f` is closed, its C++ destructor writes to a
+    closed file and aborts the process (exit 134 instead of 130; seen once in CI). Freed here, it finishes
+    into the temporary file, which is deleted anyway.
+    """
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        traceback.clear_frames(e.__traceback__)  # skips the frames still running, such as atomic_save's
+        e = e.__context__
 
 
 def atomic_write_text(path: Path, text: str) -> None:
