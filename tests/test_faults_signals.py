@@ -245,6 +245,7 @@ def test_interrupt_before_the_zip_is_finished_exits_130_not_abort(tmp_path):
     assert "terminate called" not in r.stderr
     assert list(tmp_path.iterdir()) == []  # the temporary file is gone, no checkpoint was written
 
+
 @fault
 def test_sigterm_in_process_closes_wandb_and_restores_handlers(tiny_config, monkeypatch):
     finished = _fake_wandb(monkeypatch)
