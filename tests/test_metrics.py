@@ -247,3 +247,44 @@ def test_with_head_reports_is_like_torch_fidelity(env, tmp_path, monkeypatch):
         feature_extractor_weights_path=str(path), verbose=False, save_cpu_ram=True)
     assert out["isc_mean"] > 1.0
     assert abs(out["isc_mean"] - ref["inception_score_mean"]) < 1e-4
+
+
+def test_fid_runs_on_a_scipy_without_sqrtm_disp(monkeypatch):
+    """SciPy 1.18 removed sqrtm(disp=), which torch-fidelity 0.3.0's FID passes (the lent GPU's python has such
+    a SciPy). Adapted, a disp-less sqrtm keeps the old contract, and torch-fidelity's FID of two Gaussians with
+    diagonal covariances equals the closed form |mu1 - mu2|^2 + sum(s1 + s2 - 2 sqrt(s1 s2)), in float64."""
+    import inspect
+
+    import numpy as np
+    import scipy.linalg
+    import torch_fidelity.metric_fid as metric_fid
+
+    real_sqrtm = getattr(scipy.linalg.sqrtm, "__wrapped__", scipy.linalg.sqrtm)
+    calls = []
+
+    def sqrtm_without_disp(A, blocksize=64):  # SciPy 1.18's signature: no disp, the root alone
+        calls.append(A.shape)
+        return real_sqrtm(A)
+
+    linalg = SimpleNamespace(sqrtm=sqrtm_without_disp)
+    metrics.sqrtm_accepting_disp(linalg)
+    rng = np.random.default_rng(0)
+    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
+    a = q @ np.diag(rng.uniform(0.5, 2.0, 6)) @ q.T
+    root, errest = linalg.sqrtm(a, disp=False)
+    assert np.allclose(root @ root, a, rtol=0, atol=1e-12) and 0 <= errest < 1e-12
+    assert np.allclose(linalg.sqrtm(a), root, rtol=0, atol=1e-12)
+
+    monkeypatch.setattr(metric_fid, "scipy", SimpleNamespace(linalg=linalg))
+    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
+    s1, s2 = rng.uniform(0.1, 3.0, 6), rng.uniform(0.1, 3.0, 6)
+    fid = metric_fid.fid_statistics_to_metric({"mu": mu1, "sigma": np.diag(s1)}, {"mu": mu2, "sigma": np.diag(s2)},
+                                              verbose=False)[metric_fid.KEY_METRIC_FID]
+    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
+    assert calls[-1] == (6, 6) and fid == pytest.approx(expected, rel=1e-10)
+
+    # A SciPy that still takes disp (this one, while requirements.txt pins scipy<1.18) is left as it is.
+    if "disp" in inspect.signature(real_sqrtm).parameters:
+        kept = SimpleNamespace(sqrtm=real_sqrtm)
+        metrics.sqrtm_accepting_disp(kept)
+        assert kept.sqrtm is real_sqrtm

@@ -16,11 +16,14 @@ import hashlib
 import io
 import logging
 import os
+import inspect
 import re
 import sys
 import warnings
 from typing import Callable
 
+import numpy as np
+import scipy.linalg
 import torch
 from torch_fidelity.defaults import DEFAULTS
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
@@ -45,6 +48,31 @@ _is_unavailable_reported = False  # the message above is printed once per proces
 # `batch_size` still sets the forward batch on CUDA.
 CPU_MAX_FORWARD_BATCH = 32
 REFERENCE_CACHE_FORMAT = 1
+
+
+def sqrtm_accepting_disp(linalg) -> None:
+    """Let torch-fidelity 0.3.0's FID run on a SciPy without ``sqrtm(disp=)`` (removed in SciPy 1.18).
+
+    Its ``fid_statistics_to_metric`` calls ``scipy.linalg.sqrtm(A, disp=False)`` and unpacks ``(root, errest)``.
+    requirements.txt pins scipy<1.18, but a machine's own python (the lent GPU's) may bring a newer SciPy, where
+    every FID would fail with a TypeError. There, ``linalg.sqrtm`` is wrapped to keep the old contract: the root
+    alone for disp=True, ``(root, ||root @ root - A||_F / ||A||_F)`` for disp=False, as SciPy returned it.
+    A SciPy that still takes ``disp`` is left untouched."""
+    sqrtm = linalg.sqrtm
+    if "disp" in inspect.signature(sqrtm).parameters:
+        return
+
+    def sqrtm_with_disp(A, disp=True, **kwargs):
+        root = sqrtm(A, **kwargs)
+        if disp:
+            return root
+        return root, np.linalg.norm(root @ root - A, "fro") / np.linalg.norm(A, "fro")
+
+    sqrtm_with_disp.__wrapped__ = sqrtm
+    linalg.sqrtm = sqrtm_with_disp
+
+
+sqrtm_accepting_disp(scipy.linalg)
 
 
 def _report_is_unavailable() -> None:
