@@ -86,7 +86,8 @@ def _gpu_trainer(tmp_path, norm: str, **extra):
 @pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("norm", ["bn", "mn"])
 def test_fifty_steps_with_the_gpu_defaults_stay_finite(tmp_path, norm, compile):
-    """The default GPU run's settings, and with train.compile (CUDA graphs, the first step eager)."""
+    """The default GPU run's settings, and with train.compile (compile_mode auto, torch's default mode;
+    the first step eager)."""
     t = _gpu_trainer(tmp_path, norm, **{"train.compile": compile})
     # The defaults of a GPU run, as configured (not assumed): bf16, channels_last, fused Adam, data on the GPU.
     assert t.amp == torch.bfloat16 and t.cfg.train.channels_last
