@@ -150,6 +150,25 @@ def test_runs_are_placed_on_the_visible_gpus_round_robin(tmp_path, monkeypatch, 
                                                    for r, g in zip(runs, "0101")]
 
 
+def test_a_budget_that_cuts_no_run_short_is_not_reported_as_a_stop(tmp_path, monkeypatch, image_zip):
+    """The deadline's SIGTERM can reach a run in its last evaluation, which then finishes (exit 0), as five
+    runs did on the GPU: if every run finished, the study is "done", not "stopped by the budget, run it
+    again". A run that the SIGTERM does stop still makes it "budget"."""
+    monkeypatch.chdir(tmp_path)
+    study = study_mod.load_study(tiny_study(tmp_path, image_zip))
+    finishing = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, lambda *a: None); "
+                                       "time.sleep(3.5)"]  # ignores the SIGTERM 2 s in, exits 0 at 3.5 s
+    stopped = [sys.executable, "-c", "import time; time.sleep(30)"]  # SIGTERM ends it (exit -15)
+    for argv, expected in (([finishing, finishing], "done"), ([finishing, stopped], "budget")):
+        for r, a in zip(study.runs, argv):
+            r.argv = a
+        lines = []
+        assert launcher.train_all(study.runs, 2, lines.append, [], deadline=time.monotonic() + 2) == expected
+        assert any(l.startswith("budget reached: stopping 2 running runs") for l in lines), lines
+        ends = sorted(l.split()[1] for l in lines if l.startswith("[") and "start" not in l)
+        assert ends == (["done", "done"] if expected == "done" else ["done", "stopped"]), lines
+
+
 def test_placement_fills_the_least_loaded_gpu_and_respects_cuda_visible_devices(monkeypatch):
     assert launcher.place({"0": 2, "1": 1}, ["0", "1"]) == "1"
     assert launcher.place({}, ["3", "5"]) == "3"

@@ -54,7 +54,9 @@ def uses_gpu(run: PlannedRun) -> bool:
 def train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: float | None = None) -> str:
     """Run the subprocesses, appending failures to `failed`.
 
-    Returns "done", "signal" (SIGINT/SIGTERM stopped the study) or "budget" (the deadline stopped it)."""
+    Returns "done", "signal" (SIGINT/SIGTERM stopped the study) or "budget" (the deadline stopped a run or
+    kept one from starting; runs that finish after the deadline's SIGTERM, e.g. in their last evaluation,
+    are done, and a budget that cut nothing short returns "done")."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     if jobs > 1 and "OMP_NUM_THREADS" not in env:  # share the CPU cores instead of each run taking them all
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
@@ -64,9 +66,11 @@ def train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: f
     running: dict[str, tuple[subprocess.Popen, PlannedRun, float, object, str | None]] = {}
     signals = []
     stop_reason: list[str] = []
+    cut_short = []  # runs the study's own stop ended before they finished, or never started
 
     def stop_all(reason: str) -> None:
         stop_reason.append(reason)
+        cut_short.extend(r.name for r in queue)
         queue.clear()
         for proc, *_ in running.values():  # runs are in their own session: the terminal's signal skips them
             if proc.poll() is None:
@@ -121,6 +125,7 @@ def train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: f
                 if code == 0:
                     echo(f"[{done}/{total}] done   {name} in {took}")
                 elif code in STOP_CODES and stop_reason:
+                    cut_short.append(name)
                     echo(f"[{done}/{total}] stopped {name} after {took}")
                 elif code in STOP_CODES[:2]:
                     # Someone signalled the run itself. One signal: it saved a checkpoint first; a second Ctrl-C
@@ -141,4 +146,6 @@ def train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: f
             log.close()
         for s, h in handlers.items():
             signal.signal(s, h)
+    if stop_reason == ["budget"] and not cut_short:
+        return "done"
     return stop_reason[0] if stop_reason else "done"
