@@ -104,7 +104,7 @@ study() {
      sizing=$("$py" scripts/size_study.py "$work/check/summary.json" --budget-minutes "$minutes"); then
     read -ra sets <<< "$sizing"
   else
-    echo "warning: the check gave no sizing; the study file's train.steps and eval.every (an estimate) stand" >&2
+    echo "warning: the check gave no sizing; the study file's train.steps and eval.every (measured on an H200) stand" >&2
   fi
   mkdir -p "$work"
   if $dry; then
