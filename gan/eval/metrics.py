@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import inspect
 import io
 import logging
 import os
-import inspect
 import re
 import sys
 import warnings
