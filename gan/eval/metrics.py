@@ -56,7 +56,8 @@ def sqrtm_accepting_disp(linalg) -> None:
     Its ``fid_statistics_to_metric`` calls ``scipy.linalg.sqrtm(A, disp=False)`` and unpacks ``(root, errest)``.
     requirements.txt pins scipy<1.18, but a machine's own python (the lent GPU's) may bring a newer SciPy, where
     every FID would fail with a TypeError. There, ``linalg.sqrtm`` is wrapped to keep the old contract: the root
-    alone for disp=True, ``(root, ||root @ root - A||_F / ||A||_F)`` for disp=False, as SciPy returned it.
+    alone for disp=True, ``(root, ||root @ root - A||_F ** 2 / ||A||_F)`` for disp=False, as SciPy 1.17 returned it
+    (torch-fidelity discards that estimate).
     A SciPy that still takes ``disp`` is left untouched."""
     sqrtm = linalg.sqrtm
     if "disp" in inspect.signature(sqrtm).parameters:
@@ -66,7 +67,7 @@ def sqrtm_accepting_disp(linalg) -> None:
         root = sqrtm(A, **kwargs)
         if disp:
             return root
-        return root, np.linalg.norm(root @ root - A, "fro") / np.linalg.norm(A, "fro")
+        return root, np.linalg.norm(root @ root - A, "fro") ** 2 / np.linalg.norm(A, "fro")
 
     sqrtm_with_disp.__wrapped__ = sqrtm
     linalg.sqrtm = sqrtm_with_disp
