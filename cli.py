@@ -123,11 +123,13 @@ def train(config_path, norm, steps, batch_size, seed, out, device, data, sets, r
     from gan.core import distributed
     from gan.core.device import resolve_device
     from gan.core.train import Trainer
+    from gan.eval.metrics import Evaluator
     cfg = build_config(config_path, norm, steps, batch_size, seed, out, device, data, sets)
     distributed.setup(resolve_device(cfg.train.device).type, cfg.train.dist_timeout)  # no-op without torchrun
     main = distributed.is_main()
     try:
-        trainer = Trainer(cfg, resume=resume, overwrite=overwrite, wandb_mode=wandb_mode, progress=not quiet)
+        trainer = Trainer(cfg, resume=resume, overwrite=overwrite, wandb_mode=wandb_mode, progress=not quiet,
+                          make_evaluator=Evaluator.from_config)
         summary = trainer.run()
     finally:
         distributed.teardown()

@@ -117,7 +117,7 @@ def fid_timing(device: str, test_data: str, weights: str | None, sizes: list[int
     import torch
     from gan.core.config import load_config
     from gan.eval.metrics import Evaluator
-    from gan.eval.sampling import generate, to_uint8
+    from gan.core.sampling import generate, to_uint8
     from models.dcgan import build_models
     cfg = load_config(ROOT / "configs" / "study-gpu.yaml",
                       {"eval.reference": test_data, "metrics.inception_weights": weights,

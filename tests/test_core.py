@@ -271,6 +271,18 @@ def test_existing_run_is_not_overwritten_silently(tiny_config):
     assert Trainer(cfg, overwrite=True, progress=False).step == 0
 
 
+def test_evaluation_without_an_evaluator_fails_at_construction(tiny_config):
+    from gan.core.errors import UserError
+    cfg = tiny_config(**{"eval.every": 10})
+    with pytest.raises(UserError, match="eval.every is 10 but no evaluator") as e:
+        Trainer(cfg, progress=False)
+    assert "\n" not in str(e.value)
+    assert not cfg.resolved_run_dir.exists()  # refused before anything was written or loaded
+    made = []
+    Trainer(cfg, progress=False, make_evaluator=lambda *args: made.append(args))
+    assert made == []  # the evaluator is made at the first evaluation, not before
+
+
 def test_ema_generator_is_saved_and_used(tiny_config):
     cfg = tiny_config(**{"train.ema_decay": 0.9, "train.steps": 10})
     t = Trainer(cfg, progress=False)

@@ -127,8 +127,7 @@ def _worker(rank: int, world: int, store: str, cases_file: str, cfg_dict: dict, 
         for g_mode in ("eval", "train"):
             cfg = config_from_dict({**cfg_dict, "eval": {**cfg_dict["eval"], "g_mode": g_mode},
                                     "run_dir": f"{out_dir}/run-{g_mode}"})
-            t = Trainer(cfg, progress=False)
-            t.evaluator = _PixelEvaluator()
+            t = Trainer(cfg, progress=False, make_evaluator=lambda *args: _PixelEvaluator())
             evals[g_mode] = t.evaluate()
             t.logger.close()
         out["evaluate"] = evals
@@ -155,8 +154,7 @@ def worker_results(image_zip, tmp_path_factory):
     for g_mode in ("eval", "train"):
         c = load_config(DEFAULT_CONFIG, tiny_overrides(image_zip, d / f"single-{g_mode}", **RUN, **{
             "eval.num_samples": 40, "eval.batch_size": 16, "eval.g_mode": g_mode}))
-        t = Trainer(c, progress=False)
-        t.evaluator = _PixelEvaluator()
+        t = Trainer(c, progress=False, make_evaluator=lambda *args: _PixelEvaluator())
         single[g_mode] = t.evaluate()
     return {"cases": cases, "ranks": ranks, "single_eval": single}
 

@@ -106,18 +106,19 @@ def test_fp16_loss_scaling_overflow_is_not_divergence(tiny_config):
 def test_crash_then_resume_restores_everything(tiny_config, tmp_path, monkeypatch):
     fids = {10: 5.0, 20: 3.0, 30: 4.0}
     monkeypatch.setattr(Trainer, "evaluate", lambda self: {"fid": fids[self.step], "ema": True})
+    scores = {"make_evaluator": lambda *args: pytest.fail("Trainer.evaluate is replaced here")}
     extra = {"train.steps": 30, "ckpt.keep": 2, "eval.every": 10, "train.ema_decay": 0.9}
-    ref = Trainer(tiny_config(run_dir=tmp_path / "ref", **extra), progress=False)
+    ref = Trainer(tiny_config(run_dir=tmp_path / "ref", **extra), progress=False, **scores)
     ref.run()
 
     cfg = tiny_config(**extra)
-    crashing = Trainer(cfg, progress=False)
+    crashing = Trainer(cfg, progress=False, **scores)
     _poison(crashing, at_step=27, also=lambda: (_ for _ in ()).throw(MemoryError("simulated crash")))
     with pytest.raises(MemoryError):
         crashing.run()
     assert 25 in _logged_steps(cfg.resolved_run_dir)  # logged past the checkpoint it will resume from
 
-    t = Trainer(cfg, resume="auto", progress=False)
+    t = Trainer(cfg, resume="auto", progress=False, **scores)
     saved = load_checkpoint(cfg.resolved_run_dir / "checkpoints" / "step_0000020.pt")
     assert t.step == 20 and t.best == {"step": 20, "fid": 3.0}
     assert [h["step"] for h in t.history] == [10, 20]

@@ -6,6 +6,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -18,9 +19,9 @@ from gan.core.config import Config
 from gan.core.data import BatchStream, ImageData, load_dataset
 from gan.core.errors import Diverged, Interrupted, UserError
 from gan.core.run_folder import RunFolder
+from gan.core.sampling import generate, to_uint8
 from gan.core.schedule import Due, Window
 from gan.core.tracking import RunLogger
-from gan.eval.sampling import generate, to_uint8
 from models.dcgan import build_models
 from models.sync_norms import local_norms, sync_norms
 
@@ -31,10 +32,19 @@ NOISE_SEED_OFFSET = 1_000_003
 
 
 class Trainer:
+    """make_evaluator(cfg, device, train_data, progress) -> the evaluator that scores the generator (FID/KID);
+    required when cfg.eval.every > 0. gan/core stays below gan/eval, so the caller chooses it (the CLI passes
+    gan.eval.metrics.Evaluator.from_config); `train_data` returns the training images already in memory."""
+
     def __init__(self, cfg: Config, resume: str | None = None, overwrite: bool = False,
-                 wandb_mode: str | None = None, progress: bool = True, data: ImageData | None = None):
+                 wandb_mode: str | None = None, progress: bool = True, data: ImageData | None = None,
+                 make_evaluator: Callable | None = None):
         from gan.core.tracking import NullLogger, resolve_wandb_mode
+        if cfg.eval.every > 0 and make_evaluator is None:
+            raise UserError(f"eval.every is {cfg.eval.every} but no evaluator was given to the Trainer "
+                            f"(make_evaluator, e.g. gan.eval.metrics.Evaluator.from_config); or set eval.every 0")
         self.cfg = cfg
+        self.make_evaluator = make_evaluator
         # Under torchrun (gan/core/distributed.py): this process's rank of `world`; rank 0 alone writes files.
         self.world, self.rank = distributed.world_size(), distributed.rank()
         self.is_main = self.rank == 0
@@ -253,8 +263,9 @@ class Trainer:
         gathered features; Inception features match one process's up to the float rounding of differently
         composed batches. Every rank gets the result."""
         if self.evaluator is None:
-            from gan.eval.metrics import Evaluator
-            self.evaluator = Evaluator.from_config(self.cfg, self.device, lambda: self.data, self.progress)
+            if self.make_evaluator is None:
+                raise UserError("this Trainer was made without an evaluator (make_evaluator)")
+            self.evaluator = self.make_evaluator(self.cfg, self.device, lambda: self.data, self.progress)
         e, z_dim = self.cfg.eval, self.cfg.model.z_dim
         first, last = distributed.share(math.ceil(e.num_samples / e.batch_size))
         start, stop = first * e.batch_size, min(last * e.batch_size, e.num_samples)

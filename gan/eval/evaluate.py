@@ -36,7 +36,7 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: s
                         grid: str | None, g_mode: str | None = None, progress: bool = True) -> dict:
     from gan.core.tracking import image_grid
     from gan.eval.metrics import Evaluator
-    from gan.eval.sampling import generate, to_uint8
+    from gan.core.sampling import generate, to_uint8
     from gan.core.device import resolve_device
     from torchvision.utils import save_image
 

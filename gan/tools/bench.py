@@ -218,7 +218,7 @@ def bench_eval(device: torch.device, num_images: int, repeats: int, weights_path
     import torch_fidelity
     from gan.eval.inception import weights_for_torch_fidelity
     from gan.eval.metrics import Evaluator, resolve_inception_weights
-    from gan.eval.sampling import generate, to_uint8
+    from gan.core.sampling import generate, to_uint8
     from models.dcgan import Generator, dcgan_init
 
     weights = resolve_inception_weights(weights_path, None)

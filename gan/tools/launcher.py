@@ -3,20 +3,36 @@ several, stopped cleanly (SIGTERM, then the run's own checkpoint) at a deadline 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from gan.tools.study import PlannedRun
+from gan.core.config import Config
 
 # A run's exit codes when SIGTERM/SIGINT stopped it: the first two after saving a checkpoint (gan/core/train.py,
 # Interrupted); the last one when SIGTERM came before the handler (a start-up still loading, nothing to save).
 STOP_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM)
+
+
+@dataclass
+class PlannedRun:
+    """One training run of a study: its folder, its config and the `cli.py train` command that makes it."""
+    name: str
+    variant: str
+    seed: int
+    run_dir: Path
+    config: Config
+    sets: list[str]
+    argv: list[str] = field(default_factory=list)
+
+    @property
+    def command(self) -> str:
+        return shlex.join(self.argv)
 
 
 def duration(seconds: float) -> str:

@@ -31,7 +31,7 @@ import re
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -40,7 +40,7 @@ import yaml
 from gan.core.config import KEY_ROLES, Config, load_config, parse_assignment
 from gan.core.errors import UserError
 from gan.core.run_folder import RunFolder
-from gan.tools.launcher import duration, train_all
+from gan.tools.launcher import PlannedRun, duration, train_all
 
 CLI = Path(__file__).resolve().parents[2] / "cli.py"
 KEYS = ("base", "out", "seeds", "set", "budget_minutes", "also_at", "variants")
@@ -55,21 +55,6 @@ class StudyError(UserError):
 
 class StudyInterrupted(UserError):
     exit_code = 130
-
-
-@dataclass
-class PlannedRun:
-    name: str
-    variant: str
-    seed: int
-    run_dir: Path
-    config: Config
-    sets: list[str]
-    argv: list[str] = field(default_factory=list)
-
-    @property
-    def command(self) -> str:
-        return shlex.join(self.argv)
 
 
 @dataclass
