@@ -412,7 +412,7 @@ def test_shipped_study_files_plan_the_issue_runs(monkeypatch):
     base = c["bn-s0"]
     assert (base.model.ngf, base.model.ndf, base.train.batch_size, base.train.steps) == (32, 32, 64, 8000)
     assert (base.eval.every, base.eval.num_samples, base.ckpt.every) == (1000, 1000, 1000)
-    assert base.eval.reference == "../shared/data/cifar10-jpeg75-test.zip" and base.data.source == "folder"
+    assert base.eval.reference == "test" and (base.data.source, base.data.path) == ("cifar10", "data")
     gpu = load_study("configs/study-gpu-runs.yaml")
     assert [r.name for r in gpu.runs] == ["bn-s0", "bn-s1", "bn-s2", "mn-s0", "mn-s1", "mn-s2",
                                           "mn-layer0-s0", "mn-layer0-s1", "mn-layer0-s2"]
