@@ -1,6 +1,6 @@
 """Mixture Normalization (MN), Kalayeh & Shah, arXiv:1806.02892: the layer.
 
-Implements docs/mixture-normalization.md (shared/docs) in three files: models/gmm.py (the mixture
+Implements docs/mixture-normalization.md in three files: models/gmm.py (the mixture
 and its EM; models/gmm_per_channel.py for per-channel mixtures), models/mixture_transform.py (the
 transform and its autograd functions), and this one, the layer that runs them and keeps their state.
 models/sync_norms.py synchronizes it (and BatchNorm) over processes.
