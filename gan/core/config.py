@@ -62,7 +62,7 @@ MN_LAYERS = (lambda v: all(0 <= i <= 2 for i in v), "a list of layer indices in 
 
 @dataclass
 class MNConfig:
-    """Mixture Normalization options (see ../shared/docs/mixture-normalization.md)."""
+    """Mixture Normalization options (see docs/mixture-normalization.md)."""
     num_components: int = key(3, check=at_least(1))
     eps: float = key(1e-5, check=POSITIVE)
     momentum: float = key(0.1, check=UNIT)
