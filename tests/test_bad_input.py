@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from gan.core import checkpoint as ckpt
-from gan.core.checkpoint import CheckpointError, load_checkpoint
+from gan.core.checkpoint import CheckpointError, read_checkpoint
 from gan.core.config import ConfigError
 from tests.conftest import write_image_folder
 from tests.conftest import output_lines as _lines
@@ -64,7 +64,7 @@ def _other_torch_file(tmp, run):
 
 def _newer_format(tmp, run):
     path = tmp / "future.pt"
-    state = load_checkpoint(_checkpoint_file(run))
+    state = read_checkpoint(_checkpoint_file(run))
     state["format_version"] = ckpt.FORMAT_VERSION + 1
     torch.save(state, path)
     return path
@@ -185,7 +185,7 @@ class _Payload:
 @bad_input
 def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, image_zip, finished_run):
     marker = tmp_path / "PWNED"
-    state = load_checkpoint(_checkpoint_file(finished_run))
+    state = read_checkpoint(_checkpoint_file(finished_run))
     evil = tmp_path / "evil.pt"
     torch.save({**state, "G": _Payload(marker)}, evil)  # a valid-looking checkpoint, payload inside
     legacy = tmp_path / "evil-legacy.pt"
@@ -194,7 +194,7 @@ def test_malicious_checkpoint_is_refused_and_its_payload_never_runs(tmp_path, im
 
     for path in (evil, legacy):
         with pytest.raises(CheckpointError) as e:
-            load_checkpoint(path)
+            read_checkpoint(path)
         assert str(e.value).startswith(f"{path} was refused: it holds more than tensors and plain values, "
                                        f"and nothing in it was run (")
         assert "(Unsupported global: GLOBAL exec was not an allowed global by default)" in str(e.value)

@@ -37,7 +37,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gan.core.checkpoint import list_checkpoints, load_checkpoint
+from gan.core.checkpoint import list_checkpoints, read_checkpoint
 from gan.core.config import load_config
 from gan.core.train import Trainer
 from tests.cli_float64 import float64_mode
@@ -85,7 +85,7 @@ def in_process(data: Path, run: Path, resume: str | None = None, **extra) -> Tra
 
 
 def _ckpt(run: Path, step: int) -> dict:
-    return load_checkpoint(run / "checkpoints" / f"step_{step:07d}.pt")
+    return read_checkpoint(run / "checkpoints" / f"step_{step:07d}.pt")
 
 
 def _assert_same_maths(got: dict, want: dict, init: dict, what: str) -> None:

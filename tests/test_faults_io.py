@@ -16,7 +16,7 @@ from click.testing import CliRunner
 
 from cli import cli
 from gan.core import checkpoint as ckpt
-from gan.core.checkpoint import load_checkpoint
+from gan.core.checkpoint import read_checkpoint
 from gan.core.train import Trainer
 from tests.conftest import tiny_overrides
 from tests.conftest import fake_wandb as _fake_wandb
@@ -51,7 +51,7 @@ def test_disk_full_while_saving_keeps_the_previous_checkpoint(image_zip, tmp_pat
         f"error: could not write checkpoint {ckpts / 'step_0000020.pt'}: No space left on device; "
         f"the previous checkpoint {ckpts / 'step_0000010.pt'} is untouched"]
     assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000010.pt"]  # no half file, no temp
-    assert load_checkpoint(ckpts / "step_0000010.pt")["step"] == 10
+    assert read_checkpoint(ckpts / "step_0000010.pt")["step"] == 10
     monkeypatch.undo()
     t = Trainer(tiny_config(run_dir=run), resume="auto", progress=False)
     assert t.step == 10 and t.run()["step"] == 20
@@ -73,7 +73,7 @@ def test_disk_full_while_writing_samples_is_one_line_and_checkpoints_stay(image_
     assert _lines(result.output) == [f"error: cannot write {run / 'samples' / 'step_0000020.png'}: "
                                      f"No space left on device"]
     assert [p.name for p in ckpt.list_checkpoints(run / "checkpoints")] == ["step_0000010.pt"]
-    assert load_checkpoint(run / "checkpoints" / "step_0000010.pt")["step"] == 10
+    assert read_checkpoint(run / "checkpoints" / "step_0000010.pt")["step"] == 10
 
 
 @fault

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from gan.core import checkpoint as ckpt
-from gan.core.checkpoint import load_checkpoint
+from gan.core.checkpoint import read_checkpoint
 from gan.core.errors import Diverged
 from gan.core.train import Trainer
 from tests.conftest import assert_same as _assert_same
@@ -54,7 +54,7 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(ti
     assert msg.startswith("training diverged: non-finite loss or gradient at step 8;")
     assert f"last good checkpoint: {good}" in msg
     assert ckpt.list_checkpoints(good.parent) == [good]  # nothing saved with poisoned weights
-    state = load_checkpoint(good)
+    state = read_checkpoint(good)
     assert all(torch.isfinite(v).all() for v in state["G"].values())
     assert _logged_steps(cfg.resolved_run_dir) == [5]
 
@@ -86,7 +86,7 @@ def test_nan_skip_mode_skips_the_update_and_finishes(tiny_config, capsys):
     assert summary["step"] == 20
     warnings = [l for l in capsys.readouterr().err.splitlines() if "non-finite" in l]
     assert warnings == ["warning: non-finite loss or gradient at step 8; update skipped"]
-    final = load_checkpoint(cfg.resolved_run_dir / "checkpoints" / "step_0000020.pt")
+    final = read_checkpoint(cfg.resolved_run_dir / "checkpoints" / "step_0000020.pt")
     assert all(torch.isfinite(v).all() for part in ("G", "D") for v in final[part].values())
 
 
@@ -119,7 +119,7 @@ def test_crash_then_resume_restores_everything(tiny_config, tmp_path, monkeypatc
     assert 25 in _logged_steps(cfg.resolved_run_dir)  # logged past the checkpoint it will resume from
 
     t = Trainer(cfg, resume="auto", progress=False, **scores)
-    saved = load_checkpoint(cfg.resolved_run_dir / "checkpoints" / "step_0000020.pt")
+    saved = read_checkpoint(cfg.resolved_run_dir / "checkpoints" / "step_0000020.pt")
     assert t.step == 20 and t.best == {"step": 20, "fid": 3.0}
     assert [h["step"] for h in t.history] == [10, 20]
     _assert_same(t.ema.state_dict(), saved["ema"], "ema")
@@ -129,7 +129,7 @@ def test_crash_then_resume_restores_everything(tiny_config, tmp_path, monkeypatc
 
     files = sorted(p.name for p in (cfg.resolved_run_dir / "checkpoints").iterdir())
     assert files == ["best.pt", "step_0000020.pt", "step_0000030.pt"]  # ckpt.keep plus best.pt
-    assert load_checkpoint(cfg.resolved_run_dir / "checkpoints" / "best.pt")["step"] == 20
+    assert read_checkpoint(cfg.resolved_run_dir / "checkpoints" / "best.pt")["step"] == 20
     steps = _logged_steps(cfg.resolved_run_dir)
     assert steps == [5, 10, 15, 20, 25, 30]
 
@@ -139,7 +139,7 @@ def test_resume_auto_skips_a_broken_checkpoint_without_deleting_it(tiny_config, 
     cfg = tiny_config()
     Trainer(cfg, progress=False).run()
     newest = cfg.resolved_run_dir / "checkpoints" / "step_0000020.pt"
-    expected = load_checkpoint(newest)
+    expected = read_checkpoint(newest)
     broken = newest.read_bytes()[: newest.stat().st_size // 2]
     newest.write_bytes(broken)
     t = Trainer(cfg, resume="auto", progress=False)
@@ -148,4 +148,4 @@ def test_resume_auto_skips_a_broken_checkpoint_without_deleting_it(tiny_config, 
     assert re.search(rf"warning: skipping {re.escape(str(newest))} is not a readable checkpoint", err), err
     assert newest.read_bytes() == broken  # reported and skipped, not deleted
     t.run()
-    _assert_same(_training_state(load_checkpoint(newest)), _training_state(expected), "rerun")
+    _assert_same(_training_state(read_checkpoint(newest)), _training_state(expected), "rerun")

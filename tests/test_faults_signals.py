@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from gan.core import checkpoint as ckpt
-from gan.core.checkpoint import load_checkpoint
+from gan.core.checkpoint import read_checkpoint
 from gan.core.config import load_config
 from gan.core.errors import Interrupted
 from gan.core.train import Trainer
@@ -83,7 +83,7 @@ def _newest_complete(run: Path) -> Path | None:
     """The newest step_*.pt, after checking that every one present loads: a kill never leaves half of one."""
     found = ckpt.list_checkpoints(run / "checkpoints")
     for path in found:
-        load_checkpoint(path)
+        read_checkpoint(path)
     return found[0] if found else None
 
 
@@ -101,7 +101,7 @@ def reference_run(image_zip, tmp_path_factory):
     run = tmp_path_factory.mktemp("reference") / "run"
     cfg = load_config(DEFAULT_CONFIG, tiny_overrides(image_zip, run, **SUB))
     Trainer(cfg, progress=False).run()
-    return load_checkpoint(run / "checkpoints" / f"step_{STEPS:07d}.pt")
+    return read_checkpoint(run / "checkpoints" / f"step_{STEPS:07d}.pt")
 
 
 # ---------------------------------------------------------------- SIGKILL anywhere, then --resume auto
@@ -147,7 +147,7 @@ def test_sigkill_anywhere_then_resume_auto_ends_with_the_same_weights(image_zip,
     _assert_resumed_from(newest, err, note)
     assert json.loads(out.strip().splitlines()[-1])["step"] == STEPS
     assert "skipping" not in err, err  # nothing broken was ever given a checkpoint's name
-    final = load_checkpoint(run / "checkpoints" / f"step_{STEPS:07d}.pt")
+    final = read_checkpoint(run / "checkpoints" / f"step_{STEPS:07d}.pt")
     _assert_same(_training_state(final), _training_state(reference_run), "final")
     assert _logged_steps(run) == list(range(5, STEPS + 1, 5)), note  # no step twice, none missing
     assert _temps(run) == []  # leftovers of killed writes are cleaned up on start
@@ -171,7 +171,7 @@ def test_signal_finishes_step_saves_and_exits_with_its_code(sig, code, image_zip
     assert m, err
     step, path = int(m.group(1)), Path(m.group(2))
     assert 5 <= step < STEPS and path.parent == run / "checkpoints"
-    assert load_checkpoint(path)["step"] == step
+    assert read_checkpoint(path)["step"] == step
     assert _temps(run) == []
 
     # The checkpoint a signal saved (often between two periodic ones) continues exactly.
@@ -266,6 +266,6 @@ def test_sigterm_in_process_closes_wandb_and_restores_handlers(tiny_config, monk
     path = cfg.resolved_run_dir / "checkpoints" / "step_0000007.pt"
     assert str(e.value) == (f"stopped by SIGTERM at step 7; checkpoint saved at {path} "
                             f"(continue with --resume auto)")
-    assert load_checkpoint(path)["step"] == 7
+    assert read_checkpoint(path)["step"] == 7
     assert finished == [True]
     assert signal.getsignal(signal.SIGTERM) is handler

@@ -136,7 +136,7 @@ def list_checkpoints(ckpt_dir: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def read_checkpoint(path: str | Path) -> dict:
     """Load and sanity-check a checkpoint; every failure is one CheckpointError line."""
     path = Path(path)
     if not path.is_file():

@@ -13,14 +13,6 @@ import torch
 
 from gan.core.errors import UserError
 
-# torch.compile's mode per device type: torch's default (kernel fusion) on both. On CUDA a DCGAN step at
-# batch 64 is many small kernels, where "reduce-overhead" (CUDA graphs) should cut launch overhead, but on
-# the H200 lent on 2026-12-04 (torch 2.11) both compiled CUDA tests failed in it: BN with "accessing
-# tensor output of CUDAGraphs that has been overwritten by a subsequent run" (G's output, when the G step
-# feeds it to D after D's own backward), MN with an assertion inside CUDA graph trees. It stays available
-# as train.compile_mode: reduce-overhead, unsupported until a GPU session shows it working.
-COMPILE_MODE = {"cuda": None, "cpu": None}
-
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -52,10 +44,17 @@ def adam(params, lr: float, betas: tuple[float, float], fused: bool) -> torch.op
     return torch.optim.Adam(params, lr, betas, fused=True if fused else None)
 
 
-def compile_in_place(modules, device: torch.device, mode: str = "auto") -> None:
+def compile_in_place(modules, mode: str = "auto") -> None:
     """torch.compile each module in place, so that state_dict keys (and checkpoints) do not change.
-    mode (train.compile_mode): auto picks COMPILE_MODE for the device; "default" is torch's default."""
-    mode = COMPILE_MODE.get(device.type) if mode == "auto" else (None if mode == "default" else mode)
+
+    mode (train.compile_mode): auto and default are torch's default mode (kernel fusion), on every device.
+    On CUDA a DCGAN step at batch 64 is many small kernels, where "reduce-overhead" (CUDA graphs) should cut
+    the launch overhead; but with torch 2.11 on an H200 both compiled CUDA tests failed in it: BN with
+    "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run" (G's output, which
+    the G step feeds to D after D's own backward), MN with an assertion in cudagraph_trees. So auto does not
+    pick it; it stays available as train.compile_mode: reduce-overhead.
+    """
+    mode = None if mode in ("auto", "default") else mode
     try:
         for m in modules:
             m.compile(mode=mode)

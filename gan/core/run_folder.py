@@ -162,7 +162,7 @@ class RunFolder:
                 elif self.checkpoints():
                     print(f"warning: no valid checkpoint in {self.ckpt_dir}; starting from step 0", file=sys.stderr)
             else:
-                state = load_checkpoint(resume)
+                state = load_run_or_checkpoint(resume)
             if state is not None:
                 check_resumable(state, cfg, source)
                 print(f"resuming from {source} at step {state['step']}", file=sys.stderr)
@@ -188,11 +188,11 @@ class RunFolder:
         return describe_diff(old, cfg)
 
 
-def load_checkpoint(path: str | Path) -> dict:
+def load_run_or_checkpoint(path: str | Path) -> dict:
     """A checkpoint file; or a run folder, or its checkpoints/ folder, standing for its newest valid checkpoint."""
     path = Path(path)
     if not path.is_dir():
-        return ckpt.load_checkpoint(path)
+        return ckpt.read_checkpoint(path)
     ckpt_dir = path / "checkpoints" if (path / "checkpoints").is_dir() else path
     found = _newest_valid(ckpt_dir)
     if found is None:
@@ -203,7 +203,7 @@ def load_checkpoint(path: str | Path) -> dict:
 def _newest_valid(ckpt_dir: Path) -> tuple[Path, dict] | None:
     for path in ckpt.list_checkpoints(ckpt_dir):
         try:
-            return path, ckpt.load_checkpoint(path)
+            return path, ckpt.read_checkpoint(path)
         except ckpt.CheckpointError as e:
             print(f"warning: skipping {e}", file=sys.stderr)
     return None

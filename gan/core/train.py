@@ -88,10 +88,11 @@ class Trainer:
                 self.G, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay))
         self._eager_steps_left = 0
         if t.compile:
-            accel.compile_in_place((self.G, self.D), self.device, t.compile_mode)
+            accel.compile_in_place((self.G, self.D), t.compile_mode)
             self._eager_steps_left = 1
         # First step whose loss or gradient was not finite, kept on the device so the hot loop never syncs.
         self._first_bad = torch.tensor(-1, device=self.device)
+        self._skipped = False  # on_nan skip: whether this step refused an update
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed + NOISE_SEED_OFFSET)
         per_rank = cfg.train.batch_size // self.world
         self._z_rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)

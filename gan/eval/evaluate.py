@@ -6,15 +6,15 @@ from pathlib import Path
 import torch
 
 from gan.core.checkpoint import CheckpointError
-from gan.core.run_folder import load_checkpoint
 from gan.core.config import Config, config_from_dict
 from gan.core.errors import UserError
+from gan.core.run_folder import load_run_or_checkpoint
 from models.dcgan import build_models
 
 
 def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.nn.Module, Config, dict]:
     """The generator a checkpoint samples from (its EMA copy when the run kept one), in eval mode."""
-    state = load_checkpoint(checkpoint)
+    state = load_run_or_checkpoint(checkpoint)
     try:
         cfg = config_from_dict(state["config"])
     except UserError as e:
@@ -34,11 +34,12 @@ def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.
 
 def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: str, reference: str | None,
                         grid: str | None, g_mode: str | None = None, progress: bool = True) -> dict:
+    from torchvision.utils import save_image
+
+    from gan.core.device import resolve_device
+    from gan.core.sampling import generate, to_uint8
     from gan.core.tracking import image_grid
     from gan.eval.metrics import Evaluator
-    from gan.core.sampling import generate, to_uint8
-    from gan.core.device import resolve_device
-    from torchvision.utils import save_image
 
     device = resolve_device(device_name)
     G, cfg, state = load_generator(checkpoint, device)
