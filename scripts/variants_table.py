@@ -1,6 +1,8 @@
-"""The one-table summary of the MN variants study (issue 15), from files the study's tools wrote.
+"""The one-table summary of the MN variants study (docs/study-mn-variants/), from files the study's tools wrote.
 
-    python scripts/variants_table.py docs/study-mn-variants \
+    python cli.py compare docs/study-cpu/runs docs/study-mn-variants/runs --out OUT --metric fid --also-at 250,150
+    python cli.py compare docs/study-cpu/runs docs/study-mn-variants/runs --out OUT --metric kid
+    python scripts/variants_table.py OUT \
         --bench docs/study-mn-variants/bench-norm-ngf32-a.json docs/study-mn-variants/bench-norm-ngf32-b.json \
         --diagnose docs/study-mn-variants/diagnose
 
