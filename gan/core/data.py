@@ -206,8 +206,8 @@ class BatchStream:
 
     def _start_epoch(self, epoch: int) -> None:
         g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        self._perm = torch.randperm(len(self.images), generator=g).to(self.images.device)
-        self._flip = (torch.rand(len(self.images), generator=g) < 0.5).to(self.device)
+        self._perm = _upload(torch.randperm(len(self.images), generator=g), self.images.device)
+        self._flip = _upload(torch.rand(len(self.images), generator=g) < 0.5, self.device)
         self._epoch = epoch
 
     def batch(self, step: int) -> torch.Tensor:
@@ -222,3 +222,11 @@ class BatchStream:
             flip = self._flip[idx.to(self.device)].view(-1, 1, 1, 1)
             x = torch.where(flip, x.flip(3), x)
         return x
+
+
+def _upload(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on `device`; to a GPU from pinned memory without blocking the host, so that a step
+    that starts an epoch does not wait for the GPU (torch keeps the pinned block until the copy is done)."""
+    if device.type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)

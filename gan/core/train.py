@@ -5,6 +5,7 @@ import math
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,7 @@ from gan.core import device as accel
 from gan.core import distributed
 from gan.core.config import Config
 from gan.core.data import BatchStream, ImageData, load_dataset
+from gan.core.ema import EMA
 from gan.core.errors import Diverged, Interrupted, UserError
 from gan.core.run_folder import RunFolder
 from gan.core.sampling import generate, to_uint8
@@ -82,16 +84,15 @@ class Trainer:
         self.opt_d = accel.adam(self.D.parameters(), t.lr_d, (t.beta1, t.beta2), fused)
         self.amp = accel.amp_dtype(t.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
-        self.ema = None
-        if t.ema_decay > 0:
-            self.ema = torch.optim.swa_utils.AveragedModel(
-                self.G, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(t.ema_decay))
+        self.ema = EMA(self.G, t.ema_decay) if t.ema_decay > 0 else None
         self._eager_steps_left = 0
         if t.compile:
             accel.compile_in_place((self.G, self.D), t.compile_mode)
             self._eager_steps_left = 1
-        # First step whose loss or gradient was not finite, kept on the device so the hot loop never syncs.
+        # First step whose loss or gradient was not finite, kept on the device so the hot loop never syncs;
+        # the number of the step being taken, on the device too (set by a fill, not copied from the host).
         self._first_bad = torch.tensor(-1, device=self.device)
+        self._step_now = torch.zeros((), dtype=torch.int64, device=self.device)
         self._skipped = False  # on_nan skip: whether this step refused an update
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed + NOISE_SEED_OFFSET)
         per_rank = cfg.train.batch_size // self.world
@@ -185,9 +186,10 @@ class Trainer:
         return fake, loss_d.detach(), d_real.detach(), d_fake.detach()
 
     def _g_step(self, fake: torch.Tensor):
-        with self._autocast():
-            # D itself, not its DDP wrapper: D's gradients from this pass are discarded, so averaging them
-            # over ranks would be wasted traffic. Its synchronized BN still normalizes with global statistics.
+        # D itself, not its DDP wrapper, with its weights frozen: G's loss needs only the path through D to
+        # G's output, so D's weight gradients (and averaging them over ranks) would be work thrown away.
+        # Its synchronized BN still normalizes with global statistics.
+        with frozen(self.D), self._autocast():
             loss_g = F.softplus(-_loss_precision(self.D(fake))).mean()
         self._apply(self.opt_g, self.G, loss_g)
         self.scaler.update()
@@ -213,8 +215,7 @@ class Trainer:
                 self._skipped = True
                 return
         else:
-            self._first_bad = torch.where(finite | (self._first_bad >= 0), self._first_bad,
-                                          torch.tensor(self.step + 1, device=self.device))
+            self._first_bad = torch.where(finite | (self._first_bad >= 0), self._first_bad, self._step_now)
         self.scaler.step(opt)
 
     def train_step(self) -> dict | None:
@@ -232,6 +233,7 @@ class Trainer:
     def _train_step(self) -> dict | None:
         cfg = self.cfg.train
         self._skipped = False
+        self._step_now.fill_(self.step + 1)
         for j in range(cfg.d_steps):
             real = self.stream.batch(self.step * cfg.d_steps + j)
             if self.cfg.train.channels_last:
@@ -246,8 +248,6 @@ class Trainer:
             return None
         if self.ema is not None:
             self.ema.update_parameters(self.G)
-            for b_ema, b in zip(self.ema.module.buffers(), self.G.buffers()):
-                b_ema.copy_(b)
         return {"loss_d": loss_d, "loss_g": loss_g,
                 "d_real": torch.sigmoid(d_real).mean(), "d_fake": torch.sigmoid(d_fake).mean()}
 
@@ -402,6 +402,19 @@ class Trainer:
     def _last_ckpt(self) -> str:
         found = self.folder.checkpoints()
         return str(found[0]) if found else "none yet"
+
+
+@contextmanager
+def frozen(module: torch.nn.Module):
+    """The module's trainable parameters do not require grad inside the block."""
+    trained = [p for p in module.parameters() if p.requires_grad]
+    for p in trained:
+        p.requires_grad_(False)
+    try:
+        yield module
+    finally:
+        for p in trained:
+            p.requires_grad_(True)
 
 
 def _loss_precision(logits: torch.Tensor) -> torch.Tensor:
