@@ -397,7 +397,7 @@ def test_study_compares_at_multiples_of_the_target_from_the_file_or_the_command_
     assert (tmp_path / "out" / "compare" / "compare.json").read_text() == before
 
 
-def test_shipped_study_files_plan_the_issue_runs(monkeypatch):
+def test_shipped_study_files_plan_their_runs(monkeypatch):
     """configs/study-*-runs.yaml load, and hold bn/mn with several seeds plus the one-seed ablations."""
     from gan.tools.study import load_study
     monkeypatch.chdir(ROOT)

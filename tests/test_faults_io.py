@@ -93,7 +93,8 @@ def test_wandb_that_cannot_start_leaves_one_warning_and_local_logs(tiny_config, 
 
 @fault
 def test_without_wandb_installed_a_run_warns_once_and_logs_locally(tiny_config, monkeypatch, capsys):
-    """The GPU machines have no wandb: a run asked to log to it still trains and keeps its local logs."""
+    """On a machine without wandb (an offline GPU node, say), a run asked to log to it still trains and
+    keeps its local logs."""
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` now raises ImportError
     monkeypatch.delenv("WANDB_MODE", raising=False)
     cfg = tiny_config(**{"log.wandb": "offline"})

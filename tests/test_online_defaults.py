@@ -122,7 +122,7 @@ def test_a_run_says_which_wandb_mode_it_chose_and_why(no_wandb_env, tiny_config,
 # ---------------------------------------------------------------- half-precision weights
 
 def test_half_precision_weights_give_the_same_fid_within_a_tenth_of_a_percent(tmp_path):
-    """An fp16-rounded copy of the weights (what travels to a GPU machine), upcast on load.
+    """An fp16-rounded copy of the weights (half the file to copy to an offline GPU node), upcast on load.
 
     Rounding every weight to 11 significant bits moves each feature by ~1e-3 of its size, and FID
     between two clearly different sets by a few hundredths of a percent (measured once on 300 vs 300

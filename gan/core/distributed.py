@@ -38,19 +38,19 @@ def launched() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
-def setup(device_type: str, timeout_s: float) -> None:
+def setup(device_type: str, timeout: float) -> None:
     """Joins the job's process group (env:// rendezvous from torchrun). No-op for one process.
 
-    `timeout_s` bounds every collective: a rank that never arrives (crashed, stuck) makes the others
+    `timeout` (seconds) bounds every collective: a rank that never arrives (crashed, stuck) makes the others
     fail with an error after that long instead of hanging forever.
     """
     if not launched() or dist.is_initialized():
         return
     try:
-        _init(device_type, datetime.timedelta(seconds=timeout_s))
+        _init(device_type, datetime.timedelta(seconds=timeout))
     except dist.DistError as e:  # a process that never came, an unreachable MASTER_ADDR/rendezvous endpoint
         raise UserError(f"could not start the {os.environ.get('WORLD_SIZE')}-process job "
-                        f"(train.dist_timeout {timeout_s:g} s): {str(e).strip().splitlines()[0]}") from None
+                        f"(train.dist_timeout {timeout:g} s): {str(e).strip().splitlines()[0]}") from None
 
 
 def _init(device_type: str, timeout: datetime.timedelta) -> None:
