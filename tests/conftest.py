@@ -178,7 +178,7 @@ def training_state(state: dict) -> dict:
 
 def fake_wandb(monkeypatch, fail_log: bool = False) -> list:
     """wandb.init returns a stand-in run; returns a list that gets True when finish() is called.
-    Skips the test where wandb is not installed (it is in requirements.txt; the GPU machines lack it)."""
+    Skips the test where wandb is not installed (it is in requirements.txt, but a machine may lack it)."""
     wandb = pytest.importorskip("wandb")
     finished: list = []
 
@@ -239,12 +239,6 @@ def assert_trains_finite(m, x, steps: int = 5) -> None:
         y.square().sum().backward()
         assert torch.isfinite(y).all() and torch.isfinite(xi.grad).all()
     assert torch.isfinite(m.gmm_sigma2).all() and (m.gmm_sigma2 > 0).all()
-
-
-def pytest_configure(config):
-    config.addinivalue_line("markers", "fault: a fault a run must survive (tallied in the summary line)")
-    config.addinivalue_line("markers", "bad_input: an input the CLI must reject (tallied in the summary line)")
-    config.addinivalue_line("markers", "cuda: needs a CUDA device; skipped without one (`pytest -m cuda` on a GPU)")
 
 
 @pytest.hookimpl(wrapper=True)

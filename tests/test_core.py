@@ -306,6 +306,7 @@ def test_wandb_offline_writes_sample_image(tiny_config, monkeypatch):
     assert images, "the sample grid should be logged as a wandb.Image"
 
 
+@pytest.mark.slow
 def test_cli_train_then_evaluate(image_zip, tmp_path):
     run = tmp_path / "cli-run"
     args = ["train", "--config", str(ROOT_CONFIG), "--data", str(image_zip), "--out", str(run),

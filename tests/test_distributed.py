@@ -44,6 +44,9 @@ from tests.cli_float64 import float64_mode
 from tests.conftest import DEFAULT_CONFIG, ROOT, tiny_overrides
 from tests.conftest import set_args as _set_args
 
+# Every test here starts several processes (torchrun or spawned ranks).
+pytestmark = pytest.mark.slow
+
 LR = 2e-4
 TOL = 1e-10  # float64 agreement, relative to max(1, |value|): see the module docstring
 # Global batch 16 = 2 processes x 8; 48 images = 3 batches an epoch, so 6 steps cross an epoch boundary.

@@ -18,6 +18,9 @@ from gan.core.train import Trainer
 from tests.conftest import DEFAULT_CONFIG, tiny_overrides
 from tests.test_distributed import RUN, TOL
 
+# Every test here starts several processes (torchrun or spawned ranks).
+pytestmark = pytest.mark.slow
+
 
 # ---------------------------------------------------------------- in-process workers: layers, helpers, evaluation
 

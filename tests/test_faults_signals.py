@@ -107,6 +107,7 @@ def reference_run(image_zip, tmp_path_factory):
 # ---------------------------------------------------------------- SIGKILL anywhere, then --resume auto
 
 @fault
+@pytest.mark.slow
 def test_sigkill_anywhere_then_resume_auto_ends_with_the_same_weights(image_zip, tmp_path, reference_run):
     rng = random.Random(SEED)
     note = f"(MNGAN_FAULT_SEED={SEED})"
@@ -156,6 +157,7 @@ def test_sigkill_anywhere_then_resume_auto_ends_with_the_same_weights(image_zip,
 # ---------------------------------------------------------------- SIGTERM / SIGINT
 
 @fault
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)], ids=["SIGTERM", "SIGINT"])
 def test_signal_finishes_step_saves_and_exits_with_its_code(sig, code, image_zip, tmp_path, reference_run):
     run = tmp_path / "run"
@@ -183,6 +185,7 @@ def test_signal_finishes_step_saves_and_exits_with_its_code(sig, code, image_zip
 
 
 @fault
+@pytest.mark.slow
 def test_second_sigint_during_the_save_exits_at_once(image_zip, tmp_path):
     run = tmp_path / "run"
     # No periodic checkpoints: the only write is the one the first Ctrl-C asks for, slowed to 30 s.
@@ -236,6 +239,7 @@ except KeyboardInterrupt:
 
 
 @fault
+@pytest.mark.slow
 def test_interrupt_before_the_zip_is_finished_exits_130_not_abort(tmp_path):
     """Seen once in CI, in the second-Ctrl-C test above: exit -6 instead of 130. The unfinished writer,
     kept alive by the traceback, finished its zip at exit into the closed file and its destructor aborted."""

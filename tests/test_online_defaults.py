@@ -121,6 +121,7 @@ def test_a_run_says_which_wandb_mode_it_chose_and_why(no_wandb_env, tiny_config,
 
 # ---------------------------------------------------------------- half-precision weights
 
+@pytest.mark.slow
 def test_half_precision_weights_give_the_same_fid_within_a_tenth_of_a_percent(tmp_path):
     """An fp16-rounded copy of the weights (half the file to copy to an offline GPU node), upcast on load.
 

@@ -47,6 +47,7 @@ def _stopped_cleanly(run_dir) -> int:
     return saved
 
 
+@pytest.mark.slow
 def test_budget_stops_every_run_with_a_checkpoint_and_a_second_call_continues(tmp_path, image_zip, monkeypatch):
     monkeypatch.chdir(tmp_path)
     path = tiny_study(tmp_path, image_zip, budget_minutes=0.3)
@@ -75,6 +76,7 @@ def test_budget_stops_every_run_with_a_checkpoint_and_a_second_call_continues(tm
         assert _stopped_cleanly(tmp_path / "out" / f"{name}-s0") > step
 
 
+@pytest.mark.slow
 def test_a_run_signalled_from_outside_the_study_is_reported_as_stopped_and_resumable(tmp_path, image_zip,
                                                                                      monkeypatch):
     """kill PID on one run (not on the study): the run saves a checkpoint and exits 143. The study must not
@@ -150,6 +152,7 @@ def test_runs_are_placed_on_the_visible_gpus_round_robin(tmp_path, monkeypatch, 
                                                    for r, g in zip(runs, "0101")]
 
 
+@pytest.mark.slow
 def test_a_budget_that_cuts_no_run_short_is_not_reported_as_a_stop(tmp_path, monkeypatch, image_zip):
     """The deadline's SIGTERM can reach a run in its last evaluation, which then finishes (exit 0), as five
     runs did on the GPU: if every run finished, the study is "done", not "stopped by the budget, run it
