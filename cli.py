@@ -115,7 +115,8 @@ def train(config_path, norm, steps, batch_size, seed, out, device, data, sets, r
     """Train a DCGAN; samples, metrics.jsonl and checkpoints go to the run folder.
 
     FID/KID are computed every eval.every steps against the reference images (eval.reference).
-    Ctrl-C (or SIGTERM) saves a checkpoint first; continue with --resume auto.
+    Ctrl-C (or SIGTERM) saves a checkpoint first; continue with --resume auto. On a CPU, a run expected
+    to take over 30 minutes, evaluations included, says so after its first steps (not with --quiet).
 
     Several GPUs or machines: start it with torchrun (`torchrun --nproc_per_node N cli.py train ...`);
     train.batch_size is then the global batch, split across the N processes; rank 0 writes the files.

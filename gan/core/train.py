@@ -19,6 +19,7 @@ from gan.core import distributed
 from gan.core.config import Config
 from gan.core.data import BatchStream, ImageData, load_dataset
 from gan.core.ema import EMA
+from gan.core.eta import CpuEta
 from gan.core.errors import Diverged, Interrupted, UserError
 from gan.core.run_folder import RunFolder
 from gan.core.sampling import generate, to_uint8
@@ -331,6 +332,8 @@ class Trainer:
         if self.step == 0 and cfg.log.sample_every:
             self.write_samples()
         window = Window()
+        # One process on a CPU (not --quiet): a long run says how long, evaluations included, after its first steps.
+        eta = CpuEta(self) if self.device.type == "cpu" and self.world == 1 and self.progress else None
         bar = tqdm(total=cfg.train.steps, initial=self.step, desc=self.run_dir.name, unit="step",
                    disable=not self.progress, dynamic_ncols=True)
         self.G.train()
@@ -346,6 +349,8 @@ class Trainer:
             window.add(scalars, dt)
             self.train_time += dt
             bar.update(1)
+            if eta is not None:
+                eta.add(dt)
             # Under torchrun a signal reaches the processes at different steps: they agree on it here, so
             # that all stop after the same step. (One process: this is just the signal, if any.)
             stop = distributed.max_int(self._stop_signal or 0)
