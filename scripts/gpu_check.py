@@ -155,7 +155,7 @@ def probe(check: Check, env: dict, outdir: Path, data: str, test_data: str, weig
         "base": str(ROOT / "configs" / "study-gpu.yaml"), "out": str(runs), "seeds": list(range(per)),
         "variants": {"bn": {"model.norm": "bn"}, "mn": {"model.norm": "mn"}},
     }))
-    sets = [f"data.path={data}", f"eval.reference={test_data}", "eval.every=0", "log.every=50",
+    sets = ["data.source=folder", f"data.path={data}", f"eval.reference={test_data}", "eval.every=0", "log.every=50",
             "log.sample_every=0", "ckpt.every=0", "train.steps=1000000"] + extra_sets
     if weights:
         sets.append(f"metrics.inception_weights={weights}")
