@@ -1,38 +1,27 @@
-"""The Gaussian mixture of Mixture Normalization (Kalayeh & Shah, arXiv:1806.02892) and its EM.
+"""The joint mixture (one C-dimensional diagonal GMM per layer, so a sample has the same
+posteriors in every channel), and what both kinds of mixture share: the GMM type, the samples'
+features, EM's subsample, dead components, the relabelling of fresh fits (align).
+models/gmm_per_channel.py is the mixture of posteriors="per_channel".
 
-Implements the EM of docs/mixture-normalization.md (shared/docs); models/mixture_transform.py holds
-the transform, models/mixture_norm.py the layer. Notation, spec -> code, for a layer with C channels
-and K components:
-
-    x_i                 one sample = the C-vector at one batch item and spatial position.
-                        Samples are handled as X (B, C, L) without copying the input:
-                        (N, C, H*W) for NCHW input, (1, C, N*H*W) (a transposed view of the
-                        (M, C) sample matrix) for channels-last or (N, C) input. Every sum
-                        over samples is then a GEMM over L.
-    lambda, mu, sigma2  the GMM: GMM.lam (K,), GMM.mu (K, C), GMM.sigma2 (K, C)
-    tau_ik              posteriors, tensor (B, K, L); they sum to 1 over k
-    n_k                 sum_i tau_ik
-
-This file is the joint mixture (one C-dimensional diagonal GMM per layer, so a sample has the same
-posteriors in every channel), and what both kinds of mixture share: the GMM type, EM's subsample,
-dead components, the relabelling of fresh fits (align). models/gmm_per_channel.py is the mixture of
-posteriors="per_channel".
+Few kernels: on a GPU every tensor operation costs about one kernel launch whatever its size, and
+MN's per-component quantities are tiny (K x C), so the cost of a step follows the number of
+operations. Hence one feature matrix per batch (`features`), from which an E-step is one GEMM and
+all sufficient statistics are another; the K components are always batched; the M-step works on the
+packed statistics.
 """
 from __future__ import annotations
 
-import math
 from typing import Callable, NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
-LOG_2PI = math.log(2.0 * math.pi)
 # Keeps k-means++ sampling weights a valid distribution when every distance is 0
 # (constant data): the draw then falls back to uniform.
 TINY = 1e-20
 # log(0) would be -inf for a component that lost all its mass; -69 is "never" in practice.
 LAMBDA_LOG_FLOOR = 1e-30
-# Posteriors below this are set to 0. Nearly hard posteriors otherwise underflow into
+# Posteriors at or below this are set to 0. Nearly hard posteriors otherwise underflow into
 # float32 denormals, which make every matmul that touches tau several times slower on CPU
 # (measured: a whole DCGAN step 20% slower). Their total weight is negligible.
 TAU_MIN = 1e-20
@@ -82,95 +71,122 @@ def snapshot(gmm: GMM) -> GMM:
 
 
 # ----------------------------------------------------------------------------------------
-# EM building blocks. X is (B, C, L) ("channel-major"); an (M, C) matrix of samples is
-# used as x.t().unsqueeze(0), i.e. B = 1, L = M.
+# Features. Samples are the columns of X (B, C, L) ("channel-major"); for a sample-major
+# layout (an (M, C) matrix of rows) B = 1 and L = M. Each sample's features are
+# [1, xc, xc^2] with xc = x - shift, stacked along dim 1: D (B, 1 + 2C, L). Then
+# log(lambda_k N(x | mu_k, sigma2_k)) is W_k . d (one GEMM for all components), and
+# tau^T D holds sum tau, sum tau xc, sum tau xc^2 at once (one GEMM for all statistics).
 #
-# Centering: squares are always taken of x - shift (X2c), since x^2 would cancel
-# catastrophically against the mean when |mean| >> std. Linear terms may use the raw X
-# when `shift` is passed: there the shift is an exact, cheap correction on (K, C)
-# statistics, and the batch needs no centered copy.
+# Centering: squares are always taken of x - shift, since x^2 would cancel catastrophically
+# against the mean when |mean| >> std. The GMMs of EM are in the same centered coordinates.
 # ----------------------------------------------------------------------------------------
 
 
-def log_joint(X: Tensor, X2c: Tensor, gmm: GMM, shift: Optional[Tensor] = None) -> Tensor:
-    """log(lambda_k N(x_i | mu_k, sigma2_k)), (B, K, L), for the samples of X (B, C, L).
-
-    gmm is in centered coordinates (mu - shift). The quadratic form is expanded,
-    sum_c xc^2/s - 2 xc mu/s + mu^2/s, so the batch is touched by two (K, C) @ (C, L)
-    GEMMs instead of a (B, K, C, L) difference tensor.
-    """
-    inv = gmm.sigma2.reciprocal()
-    lin = gmm.mu * inv
-    # sum_c mu^2/s, written for raw X: mu.lin - 2 lin.(x - shift) = lin.(mu + 2 shift) - 2 lin.x
-    center = gmm.mu if shift is None else gmm.mu + 2.0 * shift
-    quad = torch.add((lin * center).sum(1), gmm.sigma2.log().sum(1)).add_(gmm.mu.shape[1] * LOG_2PI)
-    const = torch.add(gmm.lam.clamp_min(LAMBDA_LOG_FLOOR).log(), quad, alpha=-0.5)
-    logj = torch.matmul(-0.5 * inv, X2c)
-    logj = logj.baddbmm_(lin.expand(X.shape[0], *lin.shape), X)
-    return logj.add_(const[:, None])
+def _rows(D: Tensor) -> bool:
+    """Whether D (B, F, L) is a sample-major (L, F) matrix of rows (B = 1)."""
+    return D.shape[0] == 1 and D.stride(1) == 1
 
 
-def _mahalanobis(logj: Tensor, gmm: GMM) -> Tensor:
-    """sum_c (x_c - mu_kc)^2 / sigma2_kc recovered from log_joint's output."""
-    log_norm = torch.add(gmm.lam.clamp_min(LAMBDA_LOG_FLOOR).log(),
-                         gmm.sigma2.log().sum(1).add_(gmm.mu.shape[1] * LOG_2PI), alpha=-0.5)
-    return (logj - log_norm[:, None]).mul_(-2.0)
+def features(X: Tensor, shift: Tensor) -> Tensor:
+    """D (B, 1 + 2C, L) = [1, x - shift, (x - shift)^2] for X (B, C, L), in X's layout (rows of
+    (L, 1 + 2C) when X is sample-major). Differentiable when X needs it (then built by cat)."""
+    B, C, L = X.shape
+    xc = X - shift[:, None] if torch.is_grad_enabled() and X.requires_grad else None
+    if xc is not None or torch.compiler.is_compiling():  # functional: autograd, compile
+        xc = X - shift[:, None] if xc is None else xc
+        return torch.cat([X.new_ones(B, 1, L), xc, xc * xc], 1)
+    if B == 1 and X.stride(1) == 1:
+        D = X.new_empty(L, 1 + 2 * C).t().unsqueeze(0)
+    else:
+        D = X.new_empty(B, 1 + 2 * C, L)
+    D[:, 0].fill_(1.0)
+    xc = torch.sub(X, shift[:, None], out=D[:, 1 : C + 1])
+    torch.mul(xc, xc, out=D[:, C + 1 :])
+    return D
+
+
+def natural(gmm: GMM, with_log_norm: bool = False):
+    """W (K, 1 + 2C) such that W @ d = log(lambda_k N(x | mu_k, sigma2_k)) + (C/2) log(2 pi) for a
+    sample's features d (gmm in the features' centered coordinates). The constant, the same for
+    every component, changes no posterior. with_log_norm: also log(lambda_k) - sum_c log(sigma2_kc)
+    / 2 (the density's factor in front of the exponential, with the same constant left out)."""
+    K, C = gmm.mu.shape
+    # Eagerly each block is computed in its place in W (out=), which saves a cat; torch.compile
+    # refuses out= views (and fuses the cat away).
+    W = None if torch.compiler.is_compiling() else gmm.mu.new_empty(K, 1 + 2 * C)
+    const_out, lin_out, quad_out = (None, None, None) if W is None else (W[:, 0], W[:, 1 : C + 1], W[:, C + 1 :])
+    inv = torch.reciprocal(gmm.sigma2, out=quad_out)
+    lin = torch.mul(gmm.mu, inv, out=lin_out)
+    log_lam, log_s2 = gmm.lam.clamp_min(LAMBDA_LOG_FLOOR).log_(), gmm.sigma2.log()
+    if with_log_norm:
+        log_norm = torch.add(log_lam, log_s2.sum(1), alpha=-0.5)
+        const = torch.add(log_norm, (lin * gmm.mu).sum(1), alpha=-0.5, out=const_out)
+    else:
+        log_norm = None
+        const = torch.add(log_lam, torch.addcmul(log_s2, lin, gmm.mu).sum(1), alpha=-0.5, out=const_out)
+    if W is None:
+        W = torch.cat([const[:, None], lin, inv * -0.5], 1)
+    else:
+        quad_out.mul_(-0.5)  # 1 / sigma2 -> -1 / (2 sigma2)
+    return (W, log_norm) if with_log_norm else W
+
+
+def log_joint(D: Tensor, W: Tensor) -> Tensor:
+    """W @ d for every sample: (B, K, L), laid out for a softmax over K on contiguous memory."""
+    if _rows(D):
+        return torch.mm(D[0].t(), W.t()).t().unsqueeze(0)
+    return torch.matmul(W, D)
 
 
 def posteriors(logj: Tensor) -> Tensor:
-    """tau = softmax over components (log-sum-exp), with denormal-range values zeroed."""
-    tau = torch.softmax(logj, dim=1)
-    if tau.requires_grad:
-        return torch.where(tau < TAU_MIN, torch.zeros_like(tau), tau)
-    return tau.masked_fill_(tau < TAU_MIN, 0.0)
+    """tau = softmax over components (dim 1, log-sum-exp), with denormal-range values zeroed."""
+    if logj.dim() == 3 and logj.stride(1) == 1:  # softmax over the contiguous dimension: no copy
+        tau = torch.softmax(logj.transpose(1, 2), 2).transpose(1, 2)
+    else:
+        tau = torch.softmax(logj, 1)
+    if torch.is_grad_enabled() and tau.requires_grad or torch.compiler.is_compiling():
+        return torch.nn.functional.threshold(tau, TAU_MIN, 0.0)
+    return torch.nn.functional.threshold_(tau, TAU_MIN, 0.0)
 
 
-def moments(tau: Tensor, X: Tensor, X2c: Tensor, shift: Optional[Tensor] = None):
-    """sum_i tau_ik, sum_i tau_ik xc_i, sum_i tau_ik xc_i^2: (K,), (K, C), (K, C)."""
-    n = tau.sum((0, 2))
-    s1 = torch.matmul(tau, X.transpose(1, 2)).sum(0)
-    if shift is not None:
-        s1 = s1 - n[:, None] * shift
-    s2 = torch.matmul(tau, X2c.transpose(1, 2)).sum(0)
-    return n, s1, s2
+def moments(tau: Tensor, D: Tensor) -> Tensor:
+    """S (K, 1 + 2C) = sum_i tau_ik d_i: [n_k, sum_i tau_ik xc_i, sum_i tau_ik xc_i^2]."""
+    if _rows(D):
+        return torch.mm(tau[0], D[0].t())
+    return torch.matmul(tau, D.transpose(1, 2)).sum(0)
 
 
-def reduce_moments(n: Tensor, s1: Tensor, s2: Tensor, reduce: Reduce):
-    """Sums the moments over ranks with a single collective (identity when not distributed)."""
-    if reduce is identity:
-        return n, s1, s2
-    c = s1.shape[1]
-    packed = reduce(torch.cat([n[:, None], s1, s2], 1))
-    return packed[:, 0], packed[:, 1 : c + 1], packed[:, c + 1 :]
-
-
-def _m_step(n: Tensor, s1: Tensor, s2: Tensor, prev: GMM, var_floor: float, eps: float):
-    """M-step from (already all-reduced) sufficient statistics."""
-    total = n.sum()
-    lam = n / total
-    mean_all = s1.sum(0) / total
-    var_all = (s2.sum(0) / total - mean_all * mean_all).clamp_min(0.0)
+def m_step(S: Tensor, prev: GMM, var_floor: float, eps: float) -> GMM:
+    """M-step from (already all-reduced) statistics S (K, 1 + 2C) = [n | s1 | s2] (centered)."""
+    C = prev.mu.shape[1]
+    n = S[:, 0]
+    tot = S.sum(0)  # [total mass | sum s1 | sum s2] over components
+    lam = n / tot[0]
+    all_m = tot[1:] / tot[0]
     # Relative floor keeps EM scale-invariant like BN; the eps term keeps it > 0 on
     # constant channels.
-    floor = var_floor * (var_all + eps)
+    floor = torch.addcmul(all_m[C:], all_m[:C], all_m[:C], value=-1.0).clamp_min_(0.0).add_(eps).mul_(var_floor)
+    mom = S[:, 1:] / n.clamp_min(1.0)[:, None]  # [mu | E_k xc^2]
+    mu = mom[:, :C]
+    sigma2 = mom[:, C:].addcmul_(mu, mu, value=-1.0)
     # With less than one sample's worth of mass the estimates are noise: keep the previous
     # ones; such a component is dead and gets reseeded if it stays so.
     has_mass = (n >= 1.0)[:, None]
-    n_safe = n.clamp_min(1.0)[:, None]
-    mu = s1 / n_safe
-    sigma2 = s2 / n_safe - mu * mu
     mu = torch.where(has_mass, mu, prev.mu)
     sigma2 = torch.maximum(torch.where(has_mass, sigma2, prev.sigma2), floor)
     return GMM(lam, mu, sigma2)
 
 
-def em_step(X, X2c, gmm: GMM, var_floor: float, eps: float, reduce: Reduce, shift=None,
-            want_maha: bool = False):
-    """One EM iteration; with want_maha also the E-step's Mahalanobis distances (reseeding)."""
-    logj = log_joint(X, X2c, gmm, shift)
-    maha = _mahalanobis(logj, gmm) if want_maha else None
-    n, s1, s2 = reduce_moments(*moments(posteriors(logj), X, X2c, shift), reduce)
-    return _m_step(n, s1, s2, gmm, var_floor, eps), maha
+def em_step(D: Tensor, gmm: GMM, var_floor: float, eps: float, reduce: Reduce, want_dist: bool = False):
+    """One EM iteration on the features D; with want_dist also (logj, log_norm) of its E-step, from
+    which reseed measures the samples' distances to the components."""
+    if want_dist:
+        W, log_norm = natural(gmm, with_log_norm=True)
+    else:
+        W, log_norm = natural(gmm), None
+    logj = log_joint(D, W)
+    S = reduce(moments(posteriors(logj), D))
+    return m_step(S, gmm, var_floor, eps), ((logj, log_norm) if want_dist else None)
 
 
 def _kmeans_pp(xs: Tensor, k: int, var: Tensor) -> Tensor:
@@ -189,36 +205,30 @@ def _kmeans_pp(xs: Tensor, k: int, var: Tensor) -> Tensor:
     return xs[torch.cat(idx)]
 
 
-def channel_variance(Xc: Tensor, X2c: Tensor, reduce: Reduce = identity) -> Tensor:
-    """Each channel's variance over the (centered) samples of Xc (B, C, L), X2c = Xc², summed over ranks."""
-    c = Xc.shape[1]
-    count = Xc.new_full((1,), float(Xc.shape[0] * Xc.shape[2]))
-    stats = reduce(torch.cat([count, Xc.sum((0, 2)), X2c.sum((0, 2))]))
+def channel_variance(D: Tensor, reduce: Reduce = identity) -> Tensor:
+    """Each channel's variance over the samples of D, summed over ranks."""
+    c = (D.shape[1] - 1) // 2
+    stats = reduce(D.sum((0, 2)))
     mean = stats[1 : c + 1] / stats[0]
     return (stats[c + 1 :] / stats[0] - mean * mean).clamp_min(0.0)
 
 
-def init_gmm(
-    Xc: Tensor,
-    X2c: Tensor,
-    k: int,
-    iters: int,
-    var_floor: float,
-    eps: float,
-    reduce: Reduce = identity,
-    first_rank_only: Reduce = identity,
-) -> GMM:
-    """k-means++ seeding on the (centered) samples of Xc (B, C, L), then `iters` EM iterations."""
-    c = Xc.shape[1]
-    var = channel_variance(Xc, X2c, reduce)
-    seeds = _kmeans_pp(Xc.transpose(1, 2).reshape(-1, c), k, var + eps)
-    gmm = GMM(
-        Xc.new_full((k,), 1.0 / k),
-        first_rank_only(seeds),
-        torch.maximum(var, var_floor * (var + eps)).expand(k, c).clone(),
-    )
+def sample_rows(D: Tensor) -> Tensor:
+    """The centered samples xc of D as the rows of an (M, C) matrix (a view when sample-major)."""
+    c = (D.shape[1] - 1) // 2
+    return D[:, 1 : c + 1].transpose(1, 2).reshape(-1, c)
+
+
+def init_gmm(D: Tensor, k: int, iters: int, var_floor: float, eps: float, reduce: Reduce = identity,
+             first_rank_only: Reduce = identity) -> GMM:
+    """k-means++ seeding on the samples of D (centered coordinates), then `iters` EM iterations."""
+    c = (D.shape[1] - 1) // 2
+    var = channel_variance(D, reduce)
+    seeds = _kmeans_pp(sample_rows(D), k, var + eps)
+    gmm = GMM(D.new_full((k,), 1.0 / k), first_rank_only(seeds),
+              torch.maximum(var, var_floor * (var + eps)).expand(k, c).clone())
     for _ in range(iters):
-        gmm, _ = em_step(Xc, X2c, gmm, var_floor, eps, reduce)
+        gmm, _ = em_step(D, gmm, var_floor, eps, reduce)
     return gmm
 
 
@@ -242,19 +252,8 @@ def fit_gmm(
     if max_samples is not None and x.shape[0] > max_samples:
         x = x[torch.randint(x.shape[0], (max_samples,), device=x.device)]
     shift = x.mean(0)
-    Xc = (x - shift).t().unsqueeze(0)
-    gmm = init_gmm(Xc, Xc * Xc, num_components, iters, var_floor, eps)
+    gmm = init_gmm(features(x.t().unsqueeze(0), shift), num_components, iters, var_floor, eps)
     return GMM(gmm.lam, gmm.mu + shift, gmm.sigma2)
-
-
-@torch.no_grad()
-def gmm_posteriors(x: Tensor, gmm: GMM) -> Tensor:
-    """Posteriors tau (M, K) of the rows of x (M, C) under gmm (log-sum-exp)."""
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    gmm = GMM(*(t.to(device=x.device, dtype=dtype) for t in gmm))
-    shift = gmm.lam @ gmm.mu
-    Xc = (x.to(dtype) - shift).t().unsqueeze(0)
-    return posteriors(log_joint(Xc, Xc * Xc, gmm.shifted(shift)))[0].t()
 
 
 # ----------------------------------------------------------------------------------------
@@ -262,55 +261,57 @@ def gmm_posteriors(x: Tensor, gmm: GMM) -> Tensor:
 # ----------------------------------------------------------------------------------------
 
 
-def subsample(X: Tensor, X2c: Tensor, shift: Tensor, budget: int):
-    """EM's samples as (Xs, X2s, shift_s): the whole batch (raw X, shift_s = shift) if it
-    has at most `budget` samples, else a centered random subset (shift_s = None) drawn
-    with replacement; for (N, C, L) layouts stratified over batch items (budget // N
-    positions each), which gathers cache-friendly rows.
-    """
-    B, C, L = X.shape
+def subsample(D: Tensor, budget: int) -> Tensor:
+    """EM's samples: all of D (B, F, L) if it has at most `budget`, else a random subset drawn
+    with replacement; for (N, C, L) layouts stratified over batch items (budget // N positions
+    each), which gathers cache-friendly rows."""
+    B, F, L = D.shape
     if B * L <= budget:
-        return X, X2c, shift
-    if B == 1:  # sample-major: rows of the (M, C) matrix
-        xs = X[0].t()[torch.randint(L, (budget,), device=X.device)].t().unsqueeze(0)
-    elif B >= budget:
-        b = torch.randint(B, (budget,), device=X.device)
-        p = torch.randint(L, (budget,), device=X.device)
-        xs = X[b, :, p].t().unsqueeze(0)  # (1, C, budget)
-    else:
-        q = budget // B
-        p = torch.randint(L, (B, 1, q), device=X.device).expand(B, C, q)
-        xs = torch.gather(X, 2, p)  # (B, C, q)
-    xs = xs - shift[:, None]
-    return xs, xs * xs, None
+        return D
+    if _rows(D):
+        return D[0].t()[torch.randint(L, (budget,), device=D.device)].t().unsqueeze(0)
+    if B >= budget:
+        b = torch.randint(B, (budget,), device=D.device)
+        p = torch.randint(L, (budget,), device=D.device)
+        return D[b, :, p].t().unsqueeze(0)  # (1, F, budget)
+    q = budget // B
+    p = torch.randint(L, (B, 1, q), device=D.device).expand(B, F, q)
+    return torch.gather(D, 2, p)  # (B, F, q)
 
 
-def reseed(gmm: GMM, dead_count: Tensor, maha: Tensor, Xs: Tensor, cand_shift: Optional[Tensor],
-           lambda_min: float, dead_steps: int, first_rank_only: Reduce) -> tuple[GMM, Tensor]:
+def reseed(gmm: GMM, dead_count: Tensor, dist, Ds: Tensor, lambda_min: float, dead_steps: int,
+           first_rank_only: Reduce) -> GMM:
     """Dead components, branch-free (no device->host sync): every step draws one k-means++
-    candidate per component, with probability proportional to the distance to the nearest live
-    component; only components dead for dead_steps consecutive steps take theirs.
+    candidate per component, with probability proportional to the (Mahalanobis) distance to the
+    nearest live component; only components dead for dead_steps consecutive steps take theirs.
 
-    gmm in input units; maha (B, K, L) the last E-step's distances of EM's samples Xs (B, C, L),
-    which are raw if cand_shift is None, else x - cand_shift. Returns the new GMM and dead_count.
+    gmm in the centered coordinates of EM's features Ds (B, F, L); dist = (logj, log_norm) of the
+    last E-step on them (em_step). Returns the new GMM; counts steps dead in dead_count (in place).
     """
     K = gmm.lam.shape[0]
-    alive = gmm.lam >= lambda_min
-    dead = (dead_count + 1).masked_fill_(alive, 0)
-    again = (dead >= dead_steps)[:, None]
-    d2 = maha.masked_fill(~alive[None, :, None], float("inf")).amin(1).flatten()
+    low = gmm.lam < lambda_min
+    dead = dead_count.add_(1).mul_(low)  # the buffer, in place
+    again = dead >= dead_steps
+    # logj = log_norm - maha / 2: half the distance to the nearest live component.
+    logj, log_norm = dist
+    d2 = (log_norm.masked_fill(low, float("inf"))[:, None] - logj).amin(1).flatten()
     idx = torch.multinomial(d2.clamp_min_(TINY), K, replacement=True)
-    L = Xs.shape[2]
-    cand = first_rank_only(Xs[idx // L, :, idx % L])
-    if cand_shift is not None:
-        cand = cand + cand_shift
+    C = gmm.mu.shape[1]
+    if _rows(Ds):
+        cand = Ds[0, 1 : C + 1].t()[idx]
+    else:
+        L = Ds.shape[2]
+        cand = Ds[idx // L, 1 : C + 1, idx % L]
+    cand = first_rank_only(cand)
     # The live components' typical width: with the (much wider) variance of all the
     # data, a new component loses every sample to the narrow ones in high dimension.
-    w_alive = (gmm.lam * alive)[:, None]
-    width = (w_alive * gmm.sigma2).sum(0) / w_alive.sum().clamp_min(TINY)
-    lam = torch.where(again[:, 0], 1.0 / K, gmm.lam)
+    w_alive = gmm.lam.masked_fill(low, 0.0)  # sums to >= 1 - K lambda_min > 0: some component is alive
+    width = (w_alive / w_alive.sum()) @ gmm.sigma2
+    lam = gmm.lam.masked_fill(again, 1.0 / K)
+    again = again[:, None]
     new = GMM(lam / lam.sum(), torch.where(again, cand, gmm.mu), torch.where(again, width, gmm.sigma2))
-    return new, dead.masked_fill_(again[:, 0], 0)
+    dead.masked_fill_(again[:, 0], 0)
+    return new
 
 
 def align(new: GMM, prev: GMM) -> GMM:

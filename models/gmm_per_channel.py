@@ -10,130 +10,104 @@ mixture per layer). Notation as in models/gmm.py, with every per-component quant
 
 The joint EM's guards carry over per (k, c): sigma2_kc floored relative to the channel's variance,
 a component dead in one channel reseeded in that channel. K = 1 gives tau = 1, lambda = 1. Everything
-is elementwise over (K, B, C, L) or a sum over samples: vectorized over channels. The price is memory:
-tau is K activation-sized tensors (the joint tau is K/C of one), kept for backward.
+is elementwise over (K, B, C, L) or a sum over samples, batched over components and channels. The
+price is memory: tau is K activation-sized tensors (the joint tau is K/C of one), kept for backward.
+
+EM runs on the features D (B, 1 + 2C, L) of models/gmm.py, whose xc and xc^2 blocks are each
+channel's centered values and their squares; the GMMs are in the same centered coordinates.
 """
 from __future__ import annotations
-
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from models.gmm import GMM, LAMBDA_LOG_FLOOR, LOG_2PI, TAU_MIN, TINY, channel_variance, identity
+from models.gmm import GMM, LAMBDA_LOG_FLOOR, TAU_MIN, TINY, channel_variance, identity, sample_rows
 
 
-def _b(t: Tensor) -> Tensor:
+def bcast(t: Tensor) -> Tensor:
     """(K, C) -> (K, 1, C, 1): broadcasts against (K, B, C, L)."""
     return t[:, None, :, None]
 
 
-# ----------------------------------------------------------------------------------------
-# Per-channel EM. X is (B, C, L) as in models/gmm.py; `shift` given: X raw and the GMM in
-# centered coordinates (mu - shift); no shift: both centered.
-#
-# Layout: per-(k, c) tensors of samples are (K, B, C, L), component-major, each [k] slab laid
-# out like X (_slabs). Then every elementwise op with X runs over matching memory, and the
-# softmax over K reads K contiguous slabs. (torch's CPU softmax copies a non-contiguous input
-# first; with K as dim 1 every step was several times slower.)
-# ----------------------------------------------------------------------------------------
+def _blocks(D: Tensor) -> Tensor:
+    """D's [xc, xc^2] blocks as (B, 2, C, L) (a view)."""
+    B, F_, L = D.shape
+    return D[:, 1:].unflatten(1, (2, (F_ - 1) // 2))
 
 
-def eager_buffers(*ts: Tensor) -> bool:
-    """Whether to write into preallocated buffers (out=, in place): not under autograd, whose
-    graph needs the values, nor under torch.compile, which plans memory itself and refuses
-    non-contiguous out= tensors."""
-    return not torch.compiler.is_compiling() and not (
-        torch.is_grad_enabled() and any(t.requires_grad for t in ts))
-
-
-def _slabs(X: Tensor, k: int) -> Tensor:
-    """An uninitialized (k, B, C, L) tensor whose [k] slabs have X's memory layout."""
-    one = torch.empty_like(X)  # X's layout if X is dense, else contiguous; nothing is written
-    return torch.empty_strided((k, *X.shape), (one.numel(), *one.stride()), dtype=X.dtype, device=X.device)
+def in_place(*ts: Tensor) -> bool:
+    """Whether to overwrite fresh (K, B, C, L) temporaries: not under autograd, whose graph may need
+    them, nor under torch.compile, which plans memory itself. On CPU every fresh tensor this size
+    costs about a pass over it (page faults)."""
+    return not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
 
 
 def _softmax_k(logj: Tensor) -> Tensor:
-    """Softmax over K (dim 0), on the memory-order view when that is contiguous (no copy)."""
+    """Softmax over K (dim 0), on the memory-order view when that is contiguous (no copy).
+    (torch's CPU softmax copies a non-contiguous input first.)"""
     if not logj.is_contiguous() and logj.transpose(2, 3).is_contiguous():
         return torch.softmax(logj.transpose(2, 3), 0).transpose(2, 3)
     return torch.softmax(logj, 0)
 
 
 def posteriors(logj: Tensor) -> Tensor:
-    """tau (K, B, C, L) = softmax over K, values below TAU_MIN zeroed (no denormals; see there)."""
+    """tau (K, B, C, L) = softmax over K, values at or below TAU_MIN zeroed (no denormals; see models/gmm.py)."""
     tau = _softmax_k(logj)
-    if not eager_buffers(tau):
-        return F.threshold(tau, TAU_MIN, 0.0)
-    return F.threshold_(tau, TAU_MIN, 0.0)
+    return F.threshold_(tau, TAU_MIN, 0.0) if in_place(tau) else F.threshold(tau, TAU_MIN, 0.0)
 
 
-def _log_norm(gmm: GMM) -> Tensor:
-    """log(lambda_kc / sqrt(2 pi sigma2_kc)), (K, C)."""
-    return gmm.lam.clamp_min(LAMBDA_LOG_FLOOR).log() - 0.5 * (gmm.sigma2.log() + LOG_2PI)
+def log_norm(gmm: GMM) -> Tensor:
+    """log(lambda_kc / sqrt(sigma2_kc)), (K, C): the density's factor, with the 1/sqrt(2 pi) that every
+    component shares (and that changes no posterior) left out."""
+    return torch.add(gmm.lam.clamp_min(LAMBDA_LOG_FLOOR).log(), gmm.sigma2.log(), alpha=-0.5)
 
 
-def log_joint(X: Tensor, gmm: GMM, shift: Optional[Tensor] = None) -> Tensor:
-    """log(lambda_kc N(x_ic | mu_kc, sigma2_kc)), (K, B, C, L). In 1-D the difference x - mu is
-    cheap and exact, so unlike the joint code no expanded quadratic form is needed."""
-    mu = gmm.mu if shift is None else gmm.mu + shift
-    const, rs = _b(_log_norm(gmm)), _b(gmm.sigma2.rsqrt())
-    if not eager_buffers(X):
-        z = (X - _b(mu)) * rs
-        return torch.addcmul(const, z, z, value=-0.5)
-    z = torch.sub(X, _b(mu), out=_slabs(X, mu.shape[0])).mul_(rs)
-    return torch.addcmul(const, z, z, value=-0.5, out=z)
+def log_joint(D: Tensor, gmm: GMM, norm: Tensor | None = None) -> Tensor:
+    """log(lambda_kc N(x_ic | mu_kc, sigma2_kc)) + log(2 pi) / 2, (K, B, C, L), for the samples of
+    the features D (gmm centered like them). In 1-D the difference x - mu is cheap and exact, so
+    unlike the joint code no expanded quadratic form is needed."""
+    norm = log_norm(gmm) if norm is None else norm
+    z = _blocks(D)[:, 0] - bcast(gmm.mu)
+    rs = bcast(gmm.sigma2.rsqrt())
+    if not in_place(z):
+        z = z * rs
+        return torch.addcmul(bcast(norm), z, z, value=-0.5)
+    return torch.addcmul(bcast(norm), z.mul_(rs), z, value=-0.5, out=z)
 
 
-def sums(tau: Tensor, Y: Tensor, tmp: Optional[Tensor] = None) -> Tensor:
-    """sum_i tau_ikc y_ic, (K, C), for Y (B, C, L). Without autograd, slab by slab through one
-    X-sized buffer: on CPU a fresh K-times-activation-sized product costs page faults on top
-    of its pass. (einsum would reorder tau for a batched GEMM: far slower.)"""
-    if not eager_buffers(tau, Y):
-        return (tau * Y).sum((1, 3))
-    tmp = torch.empty_like(Y) if tmp is None else tmp
-    return torch.stack([torch.mul(tau[k], Y, out=tmp).sum((0, 2)) for k in range(tau.shape[0])])
+def moments(tau: Tensor, D: Tensor) -> Tensor:
+    """(K, 3C): [n_kc, sum_i tau_ikc xc_ic, sum_i tau_ikc xc_ic^2]. (One product of tau with both
+    blocks at once, broadcast over the pair, runs several times slower on CPU than these two.)"""
+    xc, xc2 = _blocks(D).unbind(1)
+    return torch.cat([tau.sum((1, 3)), (tau * xc).sum((1, 3)), (tau * xc2).sum((1, 3))], 1)
 
 
-def moments(tau: Tensor, X: Tensor, X2c: Tensor, shift: Optional[Tensor] = None):
-    """sum_i tau_ikc, sum_i tau_ikc xc_ic, sum_i tau_ikc xc_ic^2: three (K, C)."""
-    n = tau.sum((1, 3))
-    s1 = sums(tau, X)
-    if shift is not None:
-        s1 = s1 - n * shift
-    return n, s1, sums(tau, X2c)
-
-
-def reduce_stats(reduce, *stats: Tensor) -> tuple[Tensor, ...]:
-    """Sums (K, C) statistics over ranks in one collective (identity when not distributed)."""
-    if reduce is identity:
-        return stats
-    return tuple(reduce(torch.cat(stats, 1)).chunk(len(stats), 1))
-
-
-def _m_step(n: Tensor, s1: Tensor, s2: Tensor, prev: GMM, var_floor: float, eps: float) -> GMM:
-    """The joint M-step (models/gmm.py) channel by channel: same floors, same guards."""
+def m_step(S: Tensor, prev: GMM, var_floor: float, eps: float) -> GMM:
+    """The joint M-step (models/gmm.py) channel by channel, from S = [n | s1 | s2] (K, 3C): same
+    floors, same guards."""
+    K, C = prev.mu.shape
+    n = S[:, :C]
+    s12 = S[:, C:].view(K, 2, C)
     total = n.sum(0)
     lam = n / total
-    mean_all = s1.sum(0) / total
-    var_all = (s2.sum(0) / total - mean_all * mean_all).clamp_min(0.0)
-    floor = var_floor * (var_all + eps)
+    all_m = s12.sum(0) / total
+    floor = torch.addcmul(all_m[1], all_m[0], all_m[0], value=-1.0).clamp_min_(0.0).add_(eps).mul_(var_floor)
+    mom = s12 / n.clamp_min(1.0)[:, None]  # [mu | E_kc xc^2]
+    mu = mom[:, 0]
+    sigma2 = mom[:, 1].addcmul_(mu, mu, value=-1.0)
     has_mass = n >= 1.0
-    n_safe = n.clamp_min(1.0)
-    mu = s1 / n_safe
-    sigma2 = s2 / n_safe - mu * mu
     mu = torch.where(has_mass, mu, prev.mu)
     sigma2 = torch.maximum(torch.where(has_mass, sigma2, prev.sigma2), floor)
     return GMM(lam, mu, sigma2)
 
 
-def em_step(X, X2c, gmm: GMM, var_floor: float, eps: float, reduce, shift=None, want_maha: bool = False):
-    """One EM iteration; with want_maha also (x_ic - mu_kc)^2 / sigma2_kc, (K, B, C, L)."""
-    logj = log_joint(X, gmm, shift)
-    maha = (logj - _b(_log_norm(gmm))).mul_(-2.0) if want_maha else None
-    n, s1, s2 = reduce_stats(reduce, *moments(posteriors(logj), X, X2c, shift))
-    return _m_step(n, s1, s2, gmm, var_floor, eps), maha
+def em_step(D: Tensor, gmm: GMM, var_floor: float, eps: float, reduce, want_dist: bool = False):
+    """One EM iteration; with want_dist also (logj, log_norm) of its E-step (reseed's distances)."""
+    norm = log_norm(gmm)
+    logj = log_joint(D, gmm, norm)
+    S = reduce(moments(posteriors(logj), D))
+    return m_step(S, gmm, var_floor, eps), ((logj, norm) if want_dist else None)
 
 
 def _draw(w: Tensor) -> Tensor:
@@ -164,43 +138,42 @@ def _kmeans_pp(xs: Tensor, k: int, var: Tensor) -> Tensor:
     return xs.t().gather(1, torch.cat(idx, 1)).t()
 
 
-def init_gmm(Xc: Tensor, X2c: Tensor, k: int, iters: int, var_floor: float, eps: float,
-             reduce=identity, first_rank_only=identity) -> GMM:
+def init_gmm(D: Tensor, k: int, iters: int, var_floor: float, eps: float, reduce=identity,
+             first_rank_only=identity) -> GMM:
     """Per-channel twin of models/gmm.py's init_gmm: k-means++ seeds, every variance the channel's,
-    uniform weights, then `iters` EM iterations. Xc (B, C, L) centered."""
-    c = Xc.shape[1]
-    var = channel_variance(Xc, X2c, reduce)
-    seeds = _kmeans_pp(Xc.transpose(1, 2).reshape(-1, c), k, var + eps)
-    gmm = GMM(Xc.new_full((k, c), 1.0 / k), first_rank_only(seeds),
+    uniform weights, then `iters` EM iterations, on the features D (centered coordinates)."""
+    c = (D.shape[1] - 1) // 2
+    var = channel_variance(D, reduce)
+    seeds = _kmeans_pp(sample_rows(D), k, var + eps)
+    gmm = GMM(D.new_full((k, c), 1.0 / k), first_rank_only(seeds),
               torch.maximum(var, var_floor * (var + eps)).expand(k, c).clone())
     for _ in range(iters):
-        gmm, _ = em_step(Xc, X2c, gmm, var_floor, eps, reduce)
+        gmm, _ = em_step(D, gmm, var_floor, eps, reduce)
     return gmm
 
 
-def reseed(gmm: GMM, dead_count: Tensor, maha: Tensor, Xs: Tensor, cand_shift: Optional[Tensor],
-           lambda_min: float, dead_steps: int, first_rank_only) -> tuple[GMM, Tensor]:
+def reseed(gmm: GMM, dead_count: Tensor, dist, Ds: Tensor, lambda_min: float, dead_steps: int,
+           first_rank_only) -> GMM:
     """Dead components, channel by channel: the joint rule (models/gmm.py's reseed) per (k, c).
 
-    gmm in input units; maha (K, B, C, L) the last E-step's distances (overwritten here) of EM's
-    samples Xs (B, C, L), which are raw if cand_shift is None, else x - cand_shift. Branch-free:
-    every step draws one k-means++ candidate per (k, c); only (k, c) dead for dead_steps steps
-    take it.
-    lambda_min * K < 1 leaves every channel a live component to measure distances from.
+    gmm in the centered coordinates of EM's features Ds; dist = (logj, log_norm) of the last E-step
+    on them. Branch-free: every step draws one k-means++ candidate per (k, c); only (k, c) dead for
+    dead_steps steps take it. lambda_min * K < 1 leaves every channel a live component to measure
+    distances from. Counts steps dead in dead_count (in place).
     """
     K, C = gmm.lam.shape
-    alive = gmm.lam >= lambda_min
-    dead = (dead_count + 1).masked_fill_(alive, 0)
+    low = gmm.lam < lambda_min
+    dead = dead_count.add_(1).mul_(low)  # the buffer, in place
     again = dead >= dead_steps
-    d2 = maha.masked_fill_(~_b(alive), float("inf")).amin(0)  # (B, C, L): to the nearest live one
+    logj, norm = dist  # logj = norm - (x - mu)^2 / (2 sigma2): half the distance to the nearest live one
+    d2 = (bcast(norm.masked_fill(low, float("inf"))) - logj).amin(0)  # (B, C, L)
     d2 = d2.transpose(0, 1).reshape(C, -1)
     idx = torch.multinomial(d2.clamp_min_(TINY), K, replacement=True)  # (C, K)
-    cand = first_rank_only(Xs.transpose(0, 1).reshape(C, -1).gather(1, idx).t())
-    if cand_shift is not None:
-        cand = cand + cand_shift
-    w_alive = gmm.lam * alive
-    width = (w_alive * gmm.sigma2).sum(0) / w_alive.sum(0).clamp_min(TINY)
-    lam = torch.where(again, 1.0 / K, gmm.lam)
-    new = GMM(lam / lam.sum(0), torch.where(again, cand, gmm.mu),
-              torch.where(again, width.expand(K, C), gmm.sigma2))
-    return new, dead.masked_fill_(again, 0)
+    xs = _blocks(Ds)[:, 0].transpose(0, 1).reshape(C, -1)
+    cand = first_rank_only(xs.gather(1, idx).t())
+    w_alive = gmm.lam.masked_fill(low, 0.0)  # > 0 in sum: some component is alive in every channel
+    width = (w_alive * gmm.sigma2).sum(0) / w_alive.sum(0)
+    lam = gmm.lam.masked_fill(again, 1.0 / K)
+    new = GMM(lam / lam.sum(0), torch.where(again, cand, gmm.mu), torch.where(again, width, gmm.sigma2))
+    dead.masked_fill_(again, 0)
+    return new

@@ -29,8 +29,9 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
+from models import gmm as joint
 from models import gmm_per_channel as pc
-from models.gmm import GMM, align, em_step, init_gmm, log_joint, mixture_mean, posteriors, reseed, snapshot, subsample
+from models.gmm import GMM, align, features, mixture_mean, snapshot, subsample
 from models.mixture_transform import (MixtureNormFunction, PerChannelFunction, as_ncl, coefficients, from_ncl,
                                       is_sample_major, mix_apply, mix_apply_per_channel, normalize_math,
                                       normalize_math_per_channel, tau_like_input_per_channel, viewable)
@@ -255,9 +256,10 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         reduce = self._reducer()
         sm = is_sample_major(X)
         per_channel, fresh = self.posteriors == "per_channel", self.fit == "fresh"
+        em = pc if per_channel else joint
         with torch.no_grad():
-            Xd = as_ncl(X.detach(), sm)
-            N, C, L = Xd.shape
+            X3 = as_ncl(X.detach(), sm)
+            N, C, L = X3.shape
             if update and N * L == 1 and world == 1:
                 raise ValueError("Expected more than 1 value per channel when training")
             if ready:
@@ -266,93 +268,89 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                     gmm = snapshot(gmm)
                 shift = mixture_mean(gmm)
             else:
-                stats = self._all_reduce(torch.cat([X.new_full((1,), float(N * L)), Xd.sum((0, 2))]))
+                stats = self._all_reduce(torch.cat([X.new_full((1,), float(N * L)), X3.sum((0, 2))]))
                 shift = stats[1:] / stats[0]
-            if torch.compiler.is_compiling():
-                X2c_out, X2c = None, (Xd - shift[:, None]).square()
-            else:  # X's shape and layout: it becomes the output buffer (MixtureNormFunction)
-                X2c_out = torch.empty_like(X)
-                X2c = torch.sub(Xd, shift[:, None], out=as_ncl(X2c_out, sm)).square_()
+            # Every sample's [1, x - shift, (x - shift)^2]: EM and the statistics run on these.
+            D = features(X3, shift)
 
             # EM, warm-started from the previous step's GMM or fitted afresh (centered coordinates).
-            Xs, X2s, s_shift = subsample(Xd, X2c, shift, max(K, self.em_samples // world))
+            Ds = subsample(D, max(K, self.em_samples // world))
             if ready and not fresh:
                 gmm = gmm.shifted(shift)
             else:
-                Xsc = Xs if s_shift is None else Xs - s_shift[:, None]
-                init = pc.init_gmm if per_channel else init_gmm
-                fitted = init(Xsc, X2s, K, self.em_steps if fresh else self.init_em_steps, self.var_floor,
-                              self.eps, reduce, self._first_rank_only)
+                fitted = em.init_gmm(Ds, K, self.em_steps if fresh else self.init_em_steps, self.var_floor,
+                                     self.eps, reduce, self._first_rank_only)
                 gmm = align(fitted, gmm.shifted(shift)) if ready else fitted
-            step = pc.em_step if per_channel else em_step
-            maha = None
+            dist = None
             for it in range(0 if fresh else self.em_steps):
-                gmm, maha = step(Xs, X2s, gmm, self.var_floor, self.eps, reduce, s_shift,
-                                 want_maha=it == self.em_steps - 1)
+                gmm, dist = em.em_step(Ds, gmm, self.var_floor, self.eps, reduce, want_dist=it == self.em_steps - 1)
             scale = self._scale(gmm.lam)
         weight, bias = self._affine(dtype)
 
         # Posteriors of every sample under the fitted GMM, then the transform.
         if self.detach_posteriors:
             with torch.no_grad():
-                tau = (pc.posteriors(pc.log_joint(Xd, gmm, shift)) if per_channel
-                       else posteriors(log_joint(Xd, X2c, gmm, shift)))
+                tau = self._posteriors(D, gmm)
             fn = PerChannelFunction if per_channel else MixtureNormFunction
-            y, E, V, n_true = fn.apply(X, X2c, X2c_out, shift, tau, scale, weight, bias, self.eps, reduce)
+            y, E, V, n_true = fn.apply(X, D, shift, tau, scale, weight, bias, self.eps, reduce)  # E in input units
         else:
             X3 = as_ncl(X, sm)
-            X2g = (X3 - shift[:, None]).square()
-            tau = (pc.posteriors(pc.log_joint(X3, gmm, shift)) if per_channel
-                   else posteriors(log_joint(X3, X2g, gmm, shift)))
+            Dg = features(X3, shift)  # differentiable in x
+            tau = self._posteriors(Dg, gmm)
             normalize = normalize_math_per_channel if per_channel else normalize_math
-            y, E, V, n_true, _, _ = normalize(
-                X3, X2g, shift, tau, scale, weight, bias, self.eps,
-                lambda t: self._all_reduce(t, differentiable=True))
+            y, st = normalize(X3, Dg, shift, tau, scale, weight, bias, self.eps,
+                              lambda t: self._all_reduce(t, differentiable=True))
             y = from_ncl(y, X.shape, sm)
-            E, V, n_true = E.detach(), V.detach(), n_true.detach()
+            E, V, n_true = st.center.detach(), st.V.detach(), st.n_true.detach()
+            n_true = n_true if per_channel else n_true[:, 0]
 
         if info is not None:
             tau_out = (tau_like_input_per_channel(tau.detach(), X.shape, sm) if per_channel
                        else from_ncl(tau.detach(), (X.shape[0], K, *X.shape[2:]), sm))
-            info.update(tau=tau_out, n=n_true, E=E + shift, V=V, scale=scale,
+            info.update(tau=tau_out, n=n_true, E=E, V=V, scale=scale,
                         lam=gmm.lam, mu=gmm.mu + shift, sigma2=gmm.sigma2)
         if update:
             with torch.no_grad():
-                self._update_state(gmm, shift, E, V, n_true, ready, Xs, s_shift is None, maha)
+                self._update_state(gmm, shift, E, V, n_true, ready, Ds, dist)
         return y
 
-    def _update_state(self, gmm: GMM, shift, E, V, n_true, ready: bool, Xs, xs_centered: bool,
-                      maha) -> None:
+    def _posteriors(self, D: Tensor, gmm: GMM) -> Tensor:
+        """tau of the samples of the features D under gmm (centered like D)."""
+        if self.posteriors == "per_channel":
+            return pc.posteriors(pc.log_joint(D, gmm))
+        return joint.posteriors(joint.log_joint(D, joint.natural(gmm)))
+
+    def _update_state(self, gmm: GMM, shift, E, V, n_true, ready: bool, Ds, dist) -> None:
         """Writes back the GMM (with dead components reseeded) and the running statistics.
 
-        Xs are EM's samples (x - shift if xs_centered, else raw x); maha their last E-step
-        distances (None when em_steps == 0, which also freezes the GMM).
+        gmm is centered (on shift), E in input units; Ds are EM's features and dist what the last E-step
+        measured on them (None when em_steps == 0, which also freezes the GMM).
         """
-        lam, mu, sigma2 = gmm.lam, gmm.mu + shift, gmm.sigma2
+        fitted = gmm
+        if dist is not None:
+            dead_components = pc.reseed if self.posteriors == "per_channel" else joint.reseed
+            gmm = dead_components(gmm, self.dead_count, dist, Ds, self.lambda_min, self.dead_steps,
+                                  self._first_rank_only)
+        mu = gmm.mu + shift
         if self.track_running_stats:
             self.num_batches_tracked.add_(1)
             f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+            # The running GMM averages the fits, before any reseeding.
+            fit = [fitted.lam, mu if fitted is gmm else fitted.mu + shift, fitted.sigma2]
             gmm_bufs = [self.running_lambda, self.running_mu, self.running_sigma2]
             if ready:
-                torch._foreach_lerp_(gmm_bufs, [lam, mu, sigma2], f)
+                torch._foreach_lerp_(gmm_bufs, fit, f)
             else:
                 # Before the first fit the running GMM means nothing: start from the fit.
-                torch._foreach_copy_(gmm_bufs, [lam, mu, sigma2])
+                torch._foreach_copy_(gmm_bufs, fit)
             # BN's update with its unbiased correction n/(n-1), n_k = sum_i tau_ik; a
             # component with too little mass for the correction (n_k <= 2) keeps its values.
             # (Per-channel posteriors: n_kc, per component and channel.)
             nk = n_true if n_true.dim() == 2 else n_true[:, None]
-            w = (nk > 2.0).to(E.dtype).mul_(f)
-            v_unbiased = V * (nk / (nk - 1.0).clamp_min(1.0))
-            torch._foreach_lerp_([self.running_E, self.running_V], [E + shift, v_unbiased], [w, w])
-
-        if maha is not None:
-            dead_components = pc.reseed if self.posteriors == "per_channel" else reseed
-            (lam, mu, sigma2), dead = dead_components(GMM(lam, mu, sigma2), self.dead_count, maha, Xs,
-                                                      shift if xs_centered else None, self.lambda_min,
-                                                      self.dead_steps, self._first_rank_only)
-            self.dead_count.copy_(dead)
-        torch._foreach_copy_([self.gmm_lambda, self.gmm_mu, self.gmm_sigma2], [lam, mu, sigma2])
+            w = torch.gt(nk.expand_as(E), 2.0, out=torch.empty_like(E)).mul_(f)  # one weight per value of E
+            v_unbiased = torch.addcdiv(V, V, (nk - 1.0).clamp_min_(1.0))  # V n / (n - 1)
+            torch._foreach_lerp_([self.running_E, self.running_V], [E, v_unbiased], [w, w])
+        torch._foreach_copy_([self.gmm_lambda, self.gmm_mu, self.gmm_sigma2], [gmm.lam, mu, gmm.sigma2])
         if not ready:
             self.initialized.fill_(True)
             self._ready = True
@@ -365,23 +363,23 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         shift = mixture_mean(gmm)
         per_channel = self.posteriors == "per_channel"
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_posteriors):
-            X2c = (X - shift[:, None]).square()
-            tau = (pc.posteriors(pc.log_joint(X, gmm.shifted(shift), shift)) if per_channel
-                   else posteriors(log_joint(X, X2c, gmm.shifted(shift), shift)))
+            tau = self._posteriors(features(X, shift), gmm.shifted(shift))
         scale = self._scale(gmm.lam)
         E = self.running_E.to(dtype)
-        r = torch.rsqrt(self.running_V.to(dtype) + self.eps)
+        sr = (scale if per_channel else scale[:, None]) * torch.rsqrt(self.running_V.to(dtype) + self.eps)
         weight, bias = self._affine(dtype)
-        P, Q = coefficients(scale, r, E, weight, bias)
+        P, Q = coefficients(sr, E, weight, bias)
         if info is not None:
             tau_out = (tau_like_input_per_channel(tau.detach(), shape, sm) if per_channel
                        else from_ncl(tau.detach(), (shape[0], tau.shape[1], *shape[2:]), sm))
             n = tau.detach().sum((1, 3) if per_channel else (0, 2))
             info.update(tau=tau_out, n=n, E=E, V=self.running_V.to(dtype),
                         scale=scale, lam=gmm.lam, mu=gmm.mu, sigma2=gmm.sigma2)
+        if per_channel:
+            return from_ncl(mix_apply_per_channel(X, tau, P, Q), shape, sm)
         needs_grad = torch.is_grad_enabled() and (X.requires_grad or tau.requires_grad or P.requires_grad)
-        mix = mix_apply_per_channel if per_channel else mix_apply
-        return from_ncl(mix(X, tau, P, Q, out=None if needs_grad else X2c), shape, sm)
+        out = None if needs_grad else torch.empty_like(X)
+        return from_ncl(mix_apply(X, tau, P, Q, out=out), shape, sm)
 
 
 class MixtureNorm2d(MixtureNorm):

@@ -14,8 +14,8 @@ A and B are (C, K) @ (K, L) GEMMs, so the transform is a K-weighted sum of BN-li
 that never builds an N x K x C x L tensor; with tau constant (the default) its backward
 is again a few such GEMMs (MixtureNormFunction).
 
-Per-channel posteriors (second half of this file) replace tau_ik by tau_ikc, so every per-component
-quantity becomes per (component, channel):
+Per-channel posteriors (models/gmm_per_channel.py) replace tau_ik by tau_ikc, so every
+per-component quantity becomes per (component, channel):
 
     n_kc  = sum_i tau_ikc,   E_kc = sum_i tau_ikc x_ic / n_kc,
     V_kc  = sum_i tau_ikc (x_ic - E_kc)^2 / n_kc
@@ -24,18 +24,18 @@ quantity becomes per (component, channel):
           = sum_k tau_ikc (P_kc x_ic + Q_kc),  P = gamma s r,  Q = beta - P E
 
 and the spec's guards carry over per (k, c): n_kc clamped at 1, lambda_kc floored in s_kc. K = 1
-gives BatchNorm either way.
+gives BatchNorm either way. Both kinds share the statistics (`statistics`) and the backward's
+algebra (`input_grad_coefficients`); they differ in how tau weights the samples.
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
 
 from models import gmm_per_channel as pc
-from models.gmm import Reduce, identity, moments, reduce_moments
-
+from models.gmm import Reduce, identity, moments
 
 # ----------------------------------------------------------------------------------------
 # Sample layouts
@@ -74,6 +74,75 @@ def from_ncl(t3: Tensor, shape: torch.Size, sample_major: bool) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------
+# Statistics and coefficients, both kinds of posteriors
+# ----------------------------------------------------------------------------------------
+
+
+class Stats(NamedTuple):
+    """What the transform computes from the sums of one batch; n, c are (K, 1) for joint posteriors
+    and (K, C) for per-channel ones, the rest (K, C). E is centered (on the layer's shift)."""
+    n_true: Tensor  # sum_i tau_ik
+    n: Tensor       # n_true clamped at 1
+    c: Tensor       # n_true / n - 2
+    E: Tensor
+    V: Tensor
+    Ve: Tensor      # V + eps
+    sr: Tensor      # s r
+    center: Tensor  # E + shift: the mean in input units
+    P: Tensor
+    Q: Tensor
+
+
+def statistics(S: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
+               eps: float) -> Stats:
+    """From the sums S = [sum_i tau, sum_i tau xc, sum_i tau xc^2]: (K, 1 + 2C) for joint posteriors,
+    (K, 3C) for per-channel ones (the same thing when C = 1): E, V, r and the transform's P, Q.
+    Differentiable (autograd through tau when posteriors are not detached)."""
+    K, C = S.shape[0], shift.shape[0]
+    joint = S.shape[1] == 1 + 2 * C
+    n_true = S[:, :1] if joint else S[:, :C]
+    # A component can hold almost no sample of a batch (nearly hard posteriors in wide
+    # layers): clamping n_k keeps E_k, V_k finite instead of 0/0 (E_k then shrinks toward
+    # the shift, i.e. the mixture's mean).
+    n = n_true.clamp_min(1.0)
+    if joint:  # [n_true / n | E_k | sum_i tau_ik xc_i^2 / n_k]
+        mom = S / n
+        ratio, E, m2 = mom[:, :1], mom[:, 1 : C + 1], mom[:, C + 1 :]
+    else:
+        ratio, E, m2 = (S.view(K, 3, C) / n[:, None]).unbind(1)
+    # V = sum_i tau_ik (xc_i - E_k)^2 / n_k = m2 - (2 - n_true/n) E^2; the ratio differs
+    # from 1 only when the clamp is active.
+    c = ratio - 2.0
+    V = torch.addcmul(m2, E * c, E).clamp_min(0.0)
+    Ve = V + eps
+    sr = (scale[:, None] if scale.dim() == 1 else scale) * Ve.rsqrt()
+    center = E + shift  # the transform applies to raw x
+    P, Q = coefficients(sr, center, weight, bias)
+    return Stats(n_true, n, c, E, V, Ve, sr, center, P, Q)
+
+
+def coefficients(sr: Tensor, center: Tensor, weight: Tensor | None, bias: Tensor | None
+                 ) -> tuple[Tensor, Tensor]:
+    """y = sum_k tau_k (P_k x + Q_k): P = s_k r_k gamma, Q = beta - P center_k, for sr = s_k r_k (K, C).
+    One builder for the training and the running transform, so that the two stay the same maths."""
+    P = sr if weight is None else sr * weight
+    Q = -P * center if bias is None else torch.addcmul(bias, P, center, value=-1.0)
+    return P, Q
+
+
+def input_grad_coefficients(st: Stats, shift: Tensor, gy: Tensor, hc: Tensor) -> tuple[Tensor, Tensor]:
+    """dx_i = sum_k tau_ik [P_k dy_i - b_k x_i + alpha_k] (tau per channel likewise), from
+    gy = sum_i tau_ik dy_i and hc = sum_i tau_ik dy_i (x_i - E_k - shift). Returns (b, alpha).
+
+    dL/dV_k dV_k/dx_i = -tau_ik b_k (xc_i - (2 - n_true/n) E_k), b_k = P_k hc_k / (n_k (V_k + eps)),
+    dL/dE_k dE_k/dx_i = -tau_ik P_k gy_k / n_k (through the mean in P_k x + Q_k)."""
+    Pn = st.P / st.n
+    b = torch.mul(Pn, hc).div_(st.Ve)
+    ebar = torch.addcmul(shift, st.c, st.E, value=-1.0)  # (2 - n_true/n) E + shift: x is raw
+    return b, torch.mul(b, ebar).addcmul_(Pn, gy, value=-1.0)
+
+
+# ----------------------------------------------------------------------------------------
 # Joint posteriors
 # ----------------------------------------------------------------------------------------
 
@@ -94,242 +163,148 @@ def _contract_into(out: Tensor, W: Tensor, tau: Tensor, accumulate: bool = False
 
 
 def mix_apply(X: Tensor, tau: Tensor, P: Tensor, Q: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """y_i = x_i * sum_k tau_ik P_k + sum_k tau_ik Q_k for X (B, C, L), tau (B, K, L).
-
-    With `out` (no autograd), y is written there: on CPU a fresh activation-sized tensor
-    costs about as much as a pass over it (page faults), so the training path reuses one.
-    """
+    """y_i = x_i * sum_k tau_ik P_k + sum_k tau_ik Q_k for X (B, C, L), tau (B, K, L); written
+    into `out` (X's shape, no autograd) when given."""
     if out is None:
         return torch.addcmul(torch.matmul(Q.t(), tau), X, torch.matmul(P.t(), tau))
     _contract_into(out, P, tau).mul_(X)
     return _contract_into(out, Q, tau, accumulate=True)
 
 
-def normalize_math(X, X2c, shift, tau, scale, weight, bias, eps: float, reduce: Reduce,
-                   out: Optional[Tensor] = None):
-    """Spec's training-mode transform; differentiable by autograd when tau/X require grad.
-
-    X2c = (X - shift)^2. Returns y (written to `out` if given, which may be X2c itself) and
-    E_k (centered), V_k, n_true = sum_i tau_ik, the clamped n_k, r_k.
-    """
-    n_true, s1, s2 = reduce_moments(*moments(tau, X, X2c, shift), reduce)
-    # A component can hold almost no sample of a batch (nearly hard posteriors in wide
-    # layers): clamping n_k keeps E_k, V_k finite instead of 0/0 (E_k then shrinks toward
-    # the shift, i.e. the mixture's mean).
-    n = n_true.clamp_min(1.0)
-    E = s1 / n[:, None]
-    # = sum_i tau_ik (xc_i - E_k)^2 / n_k; the n_true/n factor differs from 1 only when
-    # the clamp is active.
-    V = ((s2 - 2.0 * E * s1) / n[:, None] + (n_true / n)[:, None] * E * E).clamp_min(0.0)
-    r = torch.rsqrt(V + eps)
-    P, Q = coefficients(scale, r, E + shift, weight, bias)  # E + shift: X is not centered
-    return mix_apply(X, tau, P, Q, out), E, V, n_true, n, r
-
-
-def coefficients(scale: Tensor, r: Tensor, center: Tensor, weight: Tensor | None, bias: Tensor | None
-                 ) -> tuple[Tensor, Tensor]:
-    """y = sum_k tau_k (P_k x + Q_k): P = scale_k r_k gamma, Q = beta - P center_k. One builder for the training
-    and the running transform, so that the two stay the same maths; and for both kinds of posteriors:
-    scale is (K,) for joint ones, (K, C) for per-channel ones (r, center, P and Q are (K, C) either way)."""
-    P = (scale[:, None] if scale.dim() == 1 else scale) * r
-    if weight is not None:
-        P = P * weight
-    Q = -P * center
-    if bias is not None:
-        Q = Q + bias
-    return P, Q
+def normalize_math(X, D, shift, tau, scale, weight, bias, eps: float, reduce: Reduce, out=None):
+    """Spec's training-mode transform of X (B, C, L) with features D (models/gmm.py) and posteriors
+    tau; differentiable by autograd when tau/X require grad. Returns y (in `out` if given) and Stats."""
+    st = statistics(reduce(moments(tau, D)), shift, scale, weight, bias, eps)
+    return mix_apply(X, tau, st.P, st.Q, out), st
 
 
 class MixtureNormFunction(torch.autograd.Function):
     """Training transform with constant posteriors (detach_posteriors=True).
 
-    X is (N, C, *), X2c = (X - shift)^2 its as_ncl view. If `out` (X's shape and layout)
-    holds X2c's storage, the output overwrites X2c there and `out` is returned: the step
-    then allocates one activation-sized tensor, like BN. Either way the output is not an
-    autograd view (an in-place ReLU on a view would make autograd copy gradients around).
+    X is (N, C, *), D the features of its as_ncl view. Returns y (X's shape and layout, a fresh
+    tensor) and E (in input units), V, n_true: what the layer's state and diagnostics need.
 
     Hand-written backward: with tau constant the transform is a tau-weighted sum of K
-    BN-like ops, and its gradient is again a few (C, K) @ (K, L) matmuls. Saves only X and
+    BN-like ops, and its gradient is again a few (C, K) @ (K, L) matmuls. Saves X and
     tau (N, K, L) for backward, about what BN keeps.
     """
 
     @staticmethod
-    def forward(ctx, X, X2c, out, shift, tau, scale, weight, bias, eps, reduce):
+    def forward(ctx, X, D, shift, tau, scale, weight, bias, eps, reduce):
         sm = is_sample_major(X)
-        if out is None:  # under torch.compile, which manages memory itself
-            out = torch.empty_like(X)
-            buf = as_ncl(out, sm)
-        else:
-            buf = X2c
-            ctx.mark_dirty(out)
-        _, E, V, n_true, n, r = normalize_math(as_ncl(X, sm), X2c, shift, tau, scale, weight, bias,
-                                               eps, reduce, out=buf)
-        ctx.save_for_backward(X, shift, tau, scale, weight, E, n_true, n, r)
+        out = torch.empty_like(X)  # X's layout; not a view (the next layer's ReLU is in place)
+        _, st = normalize_math(as_ncl(X, sm), D, shift, tau, scale, weight, bias, eps, reduce, out=as_ncl(out, sm))
+        ctx.save_for_backward(X, shift, tau, st.n, st.c, st.E, st.Ve, st.sr, st.P, st.center)
         ctx.reduce, ctx.sample_major = reduce, sm
-        ctx.mark_non_differentiable(E, V, n_true)
-        return out, E, V, n_true
+        n_true = st.n_true[:, 0]
+        ctx.mark_non_differentiable(st.center, st.V, n_true)
+        ctx.set_materialize_grads(False)
+        return out, st.center, st.V, n_true
 
     @staticmethod
     def backward(ctx, dy_in, _dE, _dV, _dn):
-        X_in, shift, tau, scale, weight, E, n_true, n, r = ctx.saved_tensors
+        if dy_in is None:
+            return (None,) * 9
+        X_in, shift, tau, n, c, E, Ve, sr, P, center = ctx.saved_tensors
         sm = ctx.sample_major
         X, dy = as_ncl(X_in, sm), as_ncl(dy_in, sm)
         C = X.shape[1]
-        sr = scale[:, None] * r
-        # Per-component sums sum_i tau_ik dy_i and sum_i tau_ik dy_i xc_i (local).
-        gy = torch.matmul(tau, dy.transpose(1, 2)).sum(0)
+        # Per-component sums sum_i tau_ik dy_i and sum_i tau_ik dy_i (x_i - E_k - shift) (local).
         tmp = dy * X
-        hy = torch.matmul(tau, tmp.transpose(1, 2)).sum(0) - shift * gy
+        gy = moments(tau, dy)
+        hc = torch.addcmul(moments(tau, tmp), center, gy, value=-1.0)
         d_x = d_w = d_b = None
+        if ctx.needs_input_grad[5]:
+            d_w = (sr * hc).sum(0)
         if ctx.needs_input_grad[6]:
-            d_w = (sr * (hy - E * gy)).sum(0)
-        if ctx.needs_input_grad[7]:
             d_b = gy.sum(0)  # sum_k tau_ik = 1
         if ctx.needs_input_grad[0]:
             # Like SyncBatchNorm: parameter grads stay local (DDP averages them), the sums
             # feeding the input gradient are global.
             if ctx.reduce is not identity:
-                packed = ctx.reduce(torch.cat([gy, hy], 1))
-                gy, hy = packed[:, :C], packed[:, C:]
-            sg = scale[:, None] if weight is None else scale[:, None] * weight
-            P = sg * r
-            G, H = sg * gy, sg * hy  # sum_i (s_k tau_ik) (gamma dy_i) (xc_i)
-            # dx_i = sum_k tau_ik [P_k dy_i + beta_k xc_i + alpha_k], where
-            #   dL/dV_k dV_k/dx_i = tau_ik beta_k (xc_i - c_k E_k), c_k = 2 - n_true/n,
-            #   dL/dE_k dE_k/dx_i = tau_ik (-r_k G_k / n_k).
-            beta = -(r ** 3) * (H - E * G) / n[:, None]
-            alpha = -r * G / n[:, None] - beta * (2.0 - n_true / n)[:, None] * E
-            alpha = alpha - beta * shift  # X is not centered
+                gy, hc = ctx.reduce(torch.cat([gy, hc], 1)).split(C, 1)
+            st = Stats(None, n, c, E, None, Ve, sr, center, P, None)
+            b, alpha = input_grad_coefficients(st, shift, gy, hc)
             d_x = torch.empty_like(X_in)
             dx = _contract_into(as_ncl(d_x, sm), P, tau).mul_(dy)
-            dx.addcmul_(_contract_into(tmp, beta, tau), X)
+            dx.addcmul_(_contract_into(tmp, b, tau), X, value=-1.0)
             _contract_into(dx, alpha, tau, accumulate=True)
-        return d_x, None, None, None, None, None, d_w, d_b, None, None
-
-
-def mixture_normalize(
-    x: Tensor,
-    tau: Tensor,
-    scale: Optional[Tensor] = None,
-    weight: Optional[Tensor] = None,
-    bias: Optional[Tensor] = None,
-    eps: float = 1e-5,
-    detach_posteriors: bool = True,
-    shift: Optional[Tensor] = None,
-) -> Tensor:
-    """The training-mode MN transform for given posteriors (no GMM fitting).
-
-    x (N, C, L), tau (N, K, L) summing to 1 over K, scale (K,) = 1/sqrt(lambda) or None.
-    detach_posteriors=True uses the hand-written backward (tau constant); False lets
-    autograd differentiate through tau as well. shift (C,): constant the squares are
-    centered on (default 0); it matters only when a clamp on n_k is active, where E_k
-    shrinks toward it.
-    """
-    if scale is None:
-        scale = x.new_ones(tau.shape[1])
-    if shift is None:
-        shift = x.new_zeros(x.shape[1])
-    shift = shift.detach()
-    if detach_posteriors:
-        x = viewable(x)
-        sm = is_sample_major(x)
-        x2c = as_ncl(x.detach() - shift[:, None], sm).square_()
-        tau = as_ncl(tau.detach(), sm)  # the layout the Function sees x in
-        return MixtureNormFunction.apply(x, x2c, None, shift, tau, scale, weight, bias, eps, identity)[0]
-    x2c = (x - shift[:, None]).square()
-    return normalize_math(x, x2c, shift, tau, scale, weight, bias, eps, identity)[0]
+        return d_x, None, None, None, None, d_w, d_b, None, None
 
 
 # ----------------------------------------------------------------------------------------
-# Per-channel posteriors
+# Per-channel posteriors: tau (K, B, C, L)
 # ----------------------------------------------------------------------------------------
 
 
-def _weighted(tau: Tensor, W: Tensor, out: Optional[Tensor] = None) -> Tensor:
-    """sum_k tau_ikc W_kc, (B, C, L): a loop over the K slabs (K is small), each an X-sized
-    multiply-add, which beats building and reducing a (K, B, C, L) product."""
-    w = W[:, :, None]
-    acc = torch.mul(tau[0], w[0], out=out) if out is not None else tau[0] * w[0]
-    for k in range(1, tau.shape[0]):
-        acc = acc.addcmul_(tau[k], w[k]) if out is not None else torch.addcmul(acc, tau[k], w[k])
-    return acc
+def mix_apply_per_channel(X: Tensor, tau: Tensor, P: Tensor, Q: Tensor, out: Optional[Tensor] = None) -> Tensor:
+    """y_ic = sum_k tau_ikc (P_kc x_ic + Q_kc) for X (B, C, L), tau (K, B, C, L); written into `out`
+    (X's shape, no autograd) when given."""
+    b = pc.bcast
+    y = torch.addcmul(b(Q), b(P), X)
+    if out is None or not pc.in_place(X, tau, P, Q):
+        return (y * tau).sum(0)
+    return torch.sum(y.mul_(tau), 0, out=out)
 
 
-def mix_apply_per_channel(X: Tensor, tau: Tensor, P: Tensor, Q: Tensor, out: Optional[Tensor] = None
-                          ) -> Tensor:
-    """y_ic = x_ic sum_k tau_ikc P_kc + sum_k tau_ikc Q_kc for X (B, C, L), tau (K, B, C, L).
-    With `out` (no autograd), y is written there (unless compiling: see gmm_per_channel.eager_buffers)."""
-    if out is None or torch.compiler.is_compiling():
-        return torch.addcmul(_weighted(tau, Q), X, _weighted(tau, P))
-    _weighted(tau, P, out).mul_(X)
-    for k in range(tau.shape[0]):
-        out.addcmul_(tau[k], Q[k, :, None])
-    return out
-
-
-def normalize_math_per_channel(X, X2c, shift, tau, scale, weight, bias, eps: float, reduce,
-                               out: Optional[Tensor] = None):
+def normalize_math_per_channel(X, D, shift, tau, scale, weight, bias, eps: float, reduce: Reduce, out=None):
     """The per-channel training transform (autograd-differentiable); as normalize_math."""
-    n_true, s1, s2 = pc.reduce_stats(reduce, *pc.moments(tau, X, X2c, shift))
-    n = n_true.clamp_min(1.0)  # the spec's guard against 0/0 for a component empty in a channel
-    E = s1 / n
-    V = ((s2 - 2.0 * E * s1) / n + (n_true / n) * E * E).clamp_min(0.0)
-    r = torch.rsqrt(V + eps)
-    P, Q = coefficients(scale, r, E + shift, weight, bias)
-    return mix_apply_per_channel(X, tau, P, Q, out), E, V, n_true, n, r
+    st = statistics(reduce(pc.moments(tau, D)), shift, scale, weight, bias, eps)
+    return mix_apply_per_channel(X, tau, st.P, st.Q, out), st
 
 
 class PerChannelFunction(torch.autograd.Function):
-    """Per-channel training transform with constant posteriors; MixtureNormFunction's
-    twin (same arguments, same output-buffer reuse) with tau (K, B, C, L).
+    """Per-channel training transform with constant posteriors; MixtureNormFunction's twin
+    (same arguments) with tau (K, B, C, L).
 
     Backward: the joint derivation holds per (k, c) with tau_ikc in place of tau_ik:
-        dx_ic = sum_k tau_ikc [P_kc dy_ic + beta_kc x_ic + alpha_kc]
-    with the same beta, alpha (from the tau-weighted sums of dy and dy * x per (k, c)).
+        dx_ic = sum_k tau_ikc [P_kc dy_ic - b_kc x_ic + alpha_kc]
+    with the same b, alpha (from the tau-weighted sums of dy and dy * x per (k, c)).
     """
 
     @staticmethod
-    def forward(ctx, X, X2c, out, shift, tau, scale, weight, bias, eps, reduce):
+    def forward(ctx, X, D, shift, tau, scale, weight, bias, eps, reduce):
         sm = is_sample_major(X)
-        if out is not None:
-            ctx.mark_dirty(out)
-        y, E, V, n_true, n, r = normalize_math_per_channel(as_ncl(X, sm), X2c, shift, tau, scale, weight,
-                                                           bias, eps, reduce, out=None if out is None else X2c)
-        if out is None:  # under torch.compile, which manages memory itself
-            out = from_ncl(y, X.shape, sm)
-        ctx.save_for_backward(X, shift, tau, scale, weight, E, n_true, n, r)
+        eager = not torch.compiler.is_compiling()
+        out = torch.empty_like(X) if eager else None  # not a view: the next layer's in-place ReLU
+        y, st = normalize_math_per_channel(as_ncl(X, sm), D, shift, tau, scale, weight, bias, eps, reduce,
+                                           out=as_ncl(out, sm) if eager else None)
+        ctx.save_for_backward(X, shift, tau, st.n, st.c, st.E, st.Ve, st.sr, st.P, st.center)
         ctx.reduce, ctx.sample_major = reduce, sm
-        ctx.mark_non_differentiable(E, V, n_true)
-        return out, E, V, n_true
+        ctx.mark_non_differentiable(st.center, st.V, st.n_true)
+        ctx.set_materialize_grads(False)
+        # Under torch.compile (no out=): a copy, since an in-place ReLU may follow and the output must not be a view.
+        y = out if eager else from_ncl(y, X.shape, sm).clone(memory_format=torch.preserve_format)
+        return y, st.center, st.V, st.n_true
 
     @staticmethod
     def backward(ctx, dy_in, _dE, _dV, _dn):
-        X_in, shift, tau, scale, weight, E, n_true, n, r = ctx.saved_tensors
+        if dy_in is None:
+            return (None,) * 9
+        X_in, shift, tau, n, c, E, Ve, sr, P, center = ctx.saved_tensors
         sm = ctx.sample_major
         X, dy = as_ncl(X_in, sm), as_ncl(dy_in, sm)
-        tmp = dy * X
-        gy = pc.sums(tau, dy)
-        hy = pc.sums(tau, tmp) - shift * gy
+        C = X.shape[1]
+        tdy = tau * dy
+        gy = tdy.sum((1, 3))
+        hc = torch.addcmul(tdy.mul_(X).sum((1, 3)), center, gy, value=-1.0)
         d_x = d_w = d_b = None
+        if ctx.needs_input_grad[5]:
+            d_w = (sr * hc).sum(0)
         if ctx.needs_input_grad[6]:
-            d_w = (scale * r * (hy - E * gy)).sum(0)
-        if ctx.needs_input_grad[7]:
             d_b = gy.sum(0)
         if ctx.needs_input_grad[0]:
-            gy, hy = pc.reduce_stats(ctx.reduce, gy, hy)  # global sums, local parameter grads (as SyncBN)
-            sg = scale if weight is None else scale * weight
-            P, G, H = sg * r, sg * gy, sg * hy
-            beta = -(r ** 3) * (H - E * G) / n
-            alpha = -r * G / n - beta * (2.0 - n_true / n) * E - beta * shift
-            if not pc.eager_buffers():
-                dx = _weighted(tau, P) * dy + _weighted(tau, beta) * X + _weighted(tau, alpha)
-                return from_ncl(dx, X_in.shape, sm), None, None, None, None, None, d_w, d_b, None, None
-            d_x = torch.empty_like(X_in)
-            dx = _weighted(tau, P, out=as_ncl(d_x, sm)).mul_(dy)
-            dx.addcmul_(_weighted(tau, beta, out=tmp), X)
-            for k in range(tau.shape[0]):
-                dx.addcmul_(tau[k], alpha[k, :, None])
-        return d_x, None, None, None, None, None, d_w, d_b, None, None
+            if ctx.reduce is not identity:  # global sums, local parameter grads (as SyncBN)
+                gy, hc = ctx.reduce(torch.cat([gy, hc], 1)).split(C, 1)
+            b, alpha = input_grad_coefficients(Stats(None, n, c, E, None, Ve, sr, center, P, None), shift, gy, hc)
+            bc = pc.bcast
+            terms = torch.addcmul(bc(alpha), bc(b), X, value=-1.0).addcmul_(bc(P), dy).mul_(tau)
+            if torch.compiler.is_compiling():
+                d_x = from_ncl(terms.sum(0), X_in.shape, sm)
+            else:  # X's layout, written in place
+                d_x = torch.empty_like(X_in)
+                torch.sum(terms, 0, out=as_ncl(d_x, sm))
+        return d_x, None, None, None, None, d_w, d_b, None, None
 
 
 def tau_like_input_per_channel(tau: Tensor, shape: torch.Size, sample_major: bool) -> Tensor:

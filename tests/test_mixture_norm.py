@@ -9,10 +9,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.gmm import GMM, fit_gmm, gmm_posteriors
+from models.gmm import GMM, fit_gmm
 from models.mixture_norm import MixtureNorm1d, MixtureNorm2d
-from models.mixture_transform import mixture_normalize
 from tests.conftest import assert_k1_is_batchnorm, assert_trains_finite
+from tests.mn_reference import gmm_posteriors, mixture_normalize
 
 
 pytestmark = pytest.mark.usefixtures("torch_seed0")

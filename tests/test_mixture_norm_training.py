@@ -124,3 +124,29 @@ def test_project_generator_with_mn_trains():
     dcgan_init(G)
     assert sum(isinstance(m, MixtureNorm2d) for m in G.modules()) == 3
     _train_gan(G, 16, steps=5)
+
+
+# --------------------------------------------------------------------------------------
+# Kernels per step
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("posteriors", ["joint", "per_channel"])
+def test_mn_layers_add_a_bounded_number_of_ops_whatever_the_width_and_components(posteriors):
+    """On a GPU every aten op costs about one kernel launch, and at DCGAN sizes launches bound a step, so MN's op
+    count is its cost there. One steady-state forward and backward of the project's generator (3 MN layers)
+    against the BN one: at most 120 more ops per MN layer (the K components as batched tensors, each E-step and
+    all of a step's sufficient statistics one GEMM apiece; it was 187), no host sync, and the same count at any
+    width and any K: no Python loop over channels or components."""
+    from gan.tools.op_count import generator_ops
+    from models.dcgan import Generator, dcgan_init
+
+    def ops(norm, ngf=16, k=3):
+        G = Generator(z_dim=16, ngf=ngf, norm=norm, mn_options={"num_components": k, "posteriors": posteriors})
+        dcgan_init(G)
+        return generator_ops(G)
+
+    bn, mn = ops("bn"), ops("mn")
+    assert bn.syncs == mn.syncs == 0
+    assert mn.ops - bn.ops <= 3 * 120, mn.by_op
+    assert ops("mn", ngf=8).ops == ops("mn", k=2).ops == ops("mn", k=5).ops == mn.ops

@@ -1,4 +1,4 @@
-"""The MN variants of issue 15 (models/gmm_per_channel.py and the rest of MN): posteriors=per_channel and
+"""The MN variants (models/gmm_per_channel.py and the rest of MN): posteriors=per_channel and
 fit=fresh.
 
 Identities are tested in float64, where the two sides differ only by the rounding of sums taken in
@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.gmm import GMM, align, mixture_mean
+from models.gmm import GMM, align, features, mixture_mean
 from models.mixture_norm import MixtureNorm1d, MixtureNorm2d
 from models.mixture_transform import normalize_math_per_channel
 from tests.conftest import assert_k1_is_batchnorm, assert_trains_finite
@@ -104,7 +104,7 @@ def test_per_channel_backward_is_the_exact_gradient_at_fixed_posteriors(fmt):
     tau = info["tau"].movedim(1, 0).flatten(3)  # (K, N, C, L)
     x3 = x2.flatten(2)
     shift = mixture_mean(GMM(m.gmm_lambda, m.gmm_mu, m.gmm_sigma2))  # any constant does
-    y2 = normalize_math_per_channel(x3, (x3 - shift[:, None]) ** 2, shift, tau, info["scale"], m_auto.weight,
+    y2 = normalize_math_per_channel(x3, features(x3, shift), shift, tau, info["scale"], m_auto.weight,
                                     m_auto.bias, m.eps, lambda t: t)[0]
     (y2.reshape(y1.shape) * g).sum().backward()
     torch.testing.assert_close(y1, y2.reshape(y1.shape), **TOL64)

@@ -3,7 +3,8 @@
 - train: our training step (BN generator) vs a reference loop written the way the classic PyTorch
   DCGAN example is (DataLoader over CPU tensors, fp32, default memory format, `.item()` every step).
 - norm:  our step with MN (K=3, one EM step) vs our step with BN; step time and memory, for each MN variant
-  (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), all timed side by side.
+  (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), all timed side by side;
+  beside each time, the aten ops one step dispatches (eager), a figure that does not depend on the machine.
 - eval:  our Inception feature extraction vs a default `torch_fidelity.calculate_metrics` call on the
   same images, and the FID each gives.
 Timings alternate between the two sides and report the median, so drift hits both alike.
@@ -23,6 +24,7 @@ import torch.nn as nn
 
 from gan.core.config import load_config
 from gan.core.data import ImageData
+from gan.tools.op_count import count_ops
 
 
 @dataclass
@@ -203,12 +205,18 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
                 peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
         else:
             what, peaks = "tensors saved for backward per step", [_activation_bytes(tr) / 2**20 for tr in trainers]
+        # On a GPU each aten op is about one kernel launch, and at these sizes launches bound the step: the
+        # count tells on any machine what a GPU step will cost. (It includes the optimizer, which a CPU runs
+        # tensor by tensor and a GPU fused: the difference MN - BN is the figure to watch. Kernels per compiled
+        # step are not counted: Inductor's CPU code fuses differently from its GPU code.)
+        counts = [count_ops(lambda tr=tr: run_steps(tr, 1)) for tr in trainers]
         rows = []
         for i, name in enumerate(mns):
             label = "(K=3, 1 EM step) " if name == DEFAULT_VARIANT else f"{name} "
+            ops = {"aten ops per step": counts[i].ops, "BN aten ops per step": counts[-1].ops}
             rows.append(Row("norm", f"DCGAN step, MN {label}vs BN, batch {batch_size}",
                             t_mn[i] / steps * 1e3, t_bn / steps * 1e3, "ms/step", mn_ratio_name("step time", name),
-                            t_mn[i] / t_bn))
+                            t_mn[i] / t_bn, ops))
             rows.append(Row("norm", what + ("" if name == DEFAULT_VARIANT else f", MN {name}"), peaks[i], peaks[-1],
                             "MiB", mn_ratio_name("memory", name), peaks[i] / peaks[-1]))
     return rows
@@ -268,6 +276,9 @@ def format_table(rows: list[Row], device: torch.device) -> str:
         lines.append(f"{r.bench:<6} {r.what:<{w}} {r.ours:>10.2f} {r.baseline:>10.2f} {r.unit:<8} "
                      f"{r.ratio:.2f}x ({r.ratio_name})")
         for k, v in r.extra.items():
+            if isinstance(v, int):  # counts
+                lines.append(f"{'':<6}   {k} = {v}")
+                continue
             lines.append(f"{'':<6}   {k} = {v:.4f}")
     return "\n".join(lines)
 
