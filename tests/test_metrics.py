@@ -1,8 +1,10 @@
 """Tests for gan/eval/metrics.py and gan/eval/inception.py (CPU, offline).
 
-The Inception forward costs ~50 ms per image and torch-fidelity's FID (scipy sqrtm of a 2048x2048 matrix) ~10-20 s
-per call on a 2-core CPU, so the expensive work (conversion, two scores) happens once in a module fixture, and the
-whole file does three FID computations in total.
+The Inception forward costs ~50 ms per image on a 2-core CPU and torch-fidelity's FID (SciPy's sqrtm of a
+2048x2048 matrix), which some tests compare with, 10-50 s per call, so the expensive work (conversion, two
+scores) happens once in a module fixture, and the tests that need SciPy's sqrtm of 2048-d statistics (the
+comparison with torch-fidelity's whole pipeline, the oracle on 1000 images' real features) are marked slow.
+The FID and KID maths on synthetic features are tested in tests/test_fid_kid.py.
 """
 from __future__ import annotations
 
@@ -18,10 +20,13 @@ import torch
 import torch_fidelity
 from torch.utils.data import Dataset
 
-from gan.eval import inception, metrics
+from gan.eval import fid, inception, metrics
 from gan.eval.inception import (InceptionExtractor, MetricsError, find_fid_helper_torchscript, resolve_inception_weights,
                            weights_for_torch_fidelity)
+from gan.eval.kid import kernel_inception_distance
 from gan.eval.metrics import IS_UNAVAILABLE_MESSAGE, Evaluator
+from tests.conftest import make_images
+from tests.test_fid_kid import torch_fidelity_fid, torch_fidelity_kid
 
 N = 32
 
@@ -129,11 +134,12 @@ def test_fid_kid_self_and_shifted(env):
     """A set scored against itself: FID 0 and KID <= 0 up to rounding; against a visibly different set, large.
 
     Our features of `a` are the reference's bit for bit (same network, same batches), so the two
-    covariances are the same S and FID = 2 tr S - 2 tr sqrtm(S S) = 0 but for scipy's sqrtm of S S:
-    S is 2048 x 2048 of rank N - 1 = 31, so ~2017 eigenvalues of S S are 0, computed as rounding of size
-    up to ~d u lam_max^2 (d = 2048 terms per entry of the product, u = 2**-53, lam_max S's largest
-    eigenvalue), and each adds up to sqrt(d u) lam_max to tr sqrtm. So |FID| <= 2 d sqrt(d u) lam_max,
-    about 0.02 with lam_max ~ 11 here: ~1000 times below the 20 that the shifted set must exceed.
+    covariances are the same S and FID = 2 tr S - 2 tr sqrt(R S R) = 0 (R = sqrt(S), R S R = S S) but
+    for rounding: S is 2048 x 2048 of rank N - 1 = 31, so ~2017 eigenvalues of R S R are 0, computed as
+    rounding of size up to ~d u lam_max^2 (d = 2048 terms per entry of the products, u = 2**-53, lam_max
+    S's largest eigenvalue), and each adds up to sqrt(d u) lam_max to the trace term. So |FID| <=
+    2 d sqrt(d u) lam_max, about 0.02 with lam_max ~ 11 here: ~1000 times below the 20 that the shifted
+    set must exceed.
     """
     same, diff = env.same, env.diff
     assert same["num_samples"] == diff["num_samples"] == N
@@ -145,12 +151,13 @@ def test_fid_kid_self_and_shifted(env):
     assert diff["fid"] > 20.0
     # Identical sets: torch-fidelity's unbiased KID estimate is -2 (mean diag K - mean K) / (N - 1), an
     # O(1/N) negative bias (about -0.01 at N=32); <= 0 since mean K <= lam_max(K) / N <= tr K / N = mean
-    # diag K for the PSD kernel matrix K. Rounding (~1e-7 of K's entries, in float32) is far below both.
+    # diag K for the PSD kernel matrix K. Rounding (~1e-16 of K's entries, in float64) is far below both.
     assert -0.02 < same["kid_mean"] <= 0.0
     assert diff["kid_mean"] > 0.02
     assert set(same) == {"fid", "kid_mean", "kid_std", "num_samples"}
 
 
+@pytest.mark.slow
 def test_fid_kid_match_torch_fidelity_calculate_metrics(env, tmp_path):
     """Our pipeline scores what torch-fidelity's own entry point scores, up to float32 rounding of features.
 
@@ -176,6 +183,63 @@ def test_fid_kid_match_torch_fidelity_calculate_metrics(env, tmp_path):
     # An explicit path is taken as is, and its head detected.
     w = resolve_inception_weights(str(padded), cache_dir=str(tmp_path))
     assert w.has_head is True and w.path == str(padded) and w.identity != env.weights.identity
+
+
+def test_scores_are_fid_and_kid_of_the_features_and_equal_torch_fidelitys(env):
+    """score() is gan.eval.fid's FID and gan.eval.kid's KID of its Inception features against the cached
+    reference, bit for bit; and on these real features (their first 256 dimensions, where SciPy's sqrtm
+    costs milliseconds; the 2048-d oracle is the slow test below) ours equal torch-fidelity's own
+    fid_statistics_to_metric and kid_features_to_metric: FID within 1e-4 relative, KID within 1e-6.
+
+    32 images: covariances of rank 31, so ~225 eigenvalues of the product are zero, computed as rounding by
+    both routes, whose square roots are noise of ~sqrt(d u) lam_max each (see the test above). KID:
+    torch-fidelity in float64 on the same subsets, so rounding alone (~1e-16 of kernel sums ~1 per entry)."""
+    ref = env.ev.prepare_reference()
+    fa = ref["features"]
+    fb = env.ev.features(env.b)  # the network and batches score(b) used: the same features
+    mu, sigma = fid.statistics(fb)
+    assert env.diff["fid"] == fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"], ref["sigma_sqrt"])
+    assert (env.diff["kid_mean"], env.diff["kid_std"]) == kernel_inception_distance(fb, fa, 100, N)
+    fa, fb = fa[:, :256].double(), fb[:, :256]
+    ours = fid.frechet_distance(*fid.statistics(fb), *fid.statistics(fa))
+    assert abs(ours - torch_fidelity_fid(fb, fa)) <= 1e-4 * ours
+    kid_mean, kid_std = torch_fidelity_kid(fb, fa, 100, N)
+    ours_kid = kernel_inception_distance(fb, fa, 100, N)
+    assert abs(ours_kid[0] - kid_mean) <= 1e-6 and abs(ours_kid[1] - kid_std) <= 1e-6
+
+
+@pytest.mark.slow
+def test_fid_kid_equal_torch_fidelity_on_1000_real_images(env):
+    """The oracle on ~1k images' real features: 1000 reference images against 500 others with a red cast,
+    both covariances rank-deficient (999 and 499 of 2048). KID both from whole kernel matrices (100 subsets
+    of 500) and from the subsets' own (10 of 100)."""
+    real = env.ev.features(make_images(1000, seed=21))
+    fake = env.ev.features(_shift_colours(make_images(500, seed=22)))
+    (m1, s1), (m2, s2) = fid.statistics(fake), fid.statistics(real)
+    got = fid.frechet_distance(m1, s1, m2, s2, fid.psd_sqrt(s2))
+    assert abs(got - torch_fidelity_fid(fake, real)) <= 1e-4 * got
+    for subsets, m in ((100, 500), (10, 100)):
+        ours = kernel_inception_distance(fake, real, subsets, m)
+        theirs = torch_fidelity_kid(fake, real, subsets, m)
+        assert abs(ours[0] - theirs[0]) <= 1e-6 and abs(ours[1] - theirs[1]) <= 1e-6
+
+
+def test_reference_cache_of_format_1_is_upgraded_in_place(env, tmp_path):
+    """A cache file written before it held the covariance's root is read, given the root, and rewritten:
+    the reference images are not needed again."""
+    def reference():
+        raise AssertionError("reference images read again")
+    kw = dict(cache_dir=str(tmp_path), verbose=False)
+    fresh = Evaluator(env.weights, torch.device("cpu"), lambda: env.a[:4], "old", **kw)
+    ref = dict(fresh.prepare_reference())
+    assert ref["format"] == metrics.REFERENCE_CACHE_FORMAT == 2
+    old = {k: v for k, v in ref.items() if k != "sigma_sqrt"}
+    old["format"] = 1
+    torch.save(old, fresh.reference_cache_path)
+    upgraded = Evaluator(env.weights, torch.device("cpu"), reference, "old", **kw).prepare_reference()
+    assert torch.equal(upgraded["sigma_sqrt"], fid.psd_sqrt(ref["sigma"]))
+    on_disk = torch.load(fresh.reference_cache_path, weights_only=True)
+    assert on_disk["format"] == 2 and torch.equal(on_disk["sigma_sqrt"], upgraded["sigma_sqrt"])
 
 
 def test_reference_cache_written_once_and_reused(env, tmp_path):
@@ -222,7 +286,7 @@ def test_resolve_error_when_nothing_works(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_with_head_reports_is_like_torch_fidelity(env, tmp_path, monkeypatch):
+def test_with_head_reports_is_like_torch_fidelity(env, tmp_path):
     """IS through our pipeline equals torch-fidelity's, to 1e-4: the logits of the same network differ by
     float32 rounding only (~4e-5 relative, see the test above, on logits of size ~1 from this random head);
     log IS is a mean of KL divergences, whose derivative in each logit is at most 2 in size, so IS moves
@@ -236,8 +300,6 @@ def test_with_head_reports_is_like_torch_fidelity(env, tmp_path, monkeypatch):
     torch.save(sd, path)
     w = resolve_inception_weights(str(path), cache_dir=str(tmp_path))
     assert w.has_head
-    # FID (scipy sqrtm, ~15 s here) is covered above; skip it to keep this test fast.
-    monkeypatch.setattr(metrics, "fid_statistics_to_metric", lambda s1, s2, verbose: {"frechet_inception_distance": 0.0})
     x = env.b[:4]
     ev = Evaluator(w, torch.device("cpu"), lambda: env.a[:4], "tiny-head", cache_dir=str(tmp_path), verbose=False)
     out = ev.score(x)
@@ -247,44 +309,3 @@ def test_with_head_reports_is_like_torch_fidelity(env, tmp_path, monkeypatch):
         feature_extractor_weights_path=str(path), verbose=False, save_cpu_ram=True)
     assert out["isc_mean"] > 1.0
     assert abs(out["isc_mean"] - ref["inception_score_mean"]) < 1e-4
-
-
-def test_fid_runs_on_a_scipy_without_sqrtm_disp(monkeypatch):
-    """SciPy 1.18 removed sqrtm(disp=), which torch-fidelity 0.3.0's FID passes (the lent GPU's python has such
-    a SciPy). Adapted, a disp-less sqrtm keeps the old contract, and torch-fidelity's FID of two Gaussians with
-    diagonal covariances equals the closed form |mu1 - mu2|^2 + sum(s1 + s2 - 2 sqrt(s1 s2)), in float64."""
-    import inspect
-
-    import numpy as np
-    import scipy.linalg
-    import torch_fidelity.metric_fid as metric_fid
-
-    real_sqrtm = getattr(scipy.linalg.sqrtm, "__wrapped__", scipy.linalg.sqrtm)
-    calls = []
-
-    def sqrtm_without_disp(A, blocksize=64):  # SciPy 1.18's signature: no disp, the root alone
-        calls.append(A.shape)
-        return real_sqrtm(A)
-
-    linalg = SimpleNamespace(sqrtm=sqrtm_without_disp)
-    metrics.sqrtm_accepting_disp(linalg)
-    rng = np.random.default_rng(0)
-    q, _ = np.linalg.qr(rng.standard_normal((6, 6)))
-    a = q @ np.diag(rng.uniform(0.5, 2.0, 6)) @ q.T
-    root, errest = linalg.sqrtm(a, disp=False)
-    assert np.allclose(root @ root, a, rtol=0, atol=1e-12) and 0 <= errest < 1e-12
-    assert np.allclose(linalg.sqrtm(a), root, rtol=0, atol=1e-12)
-
-    monkeypatch.setattr(metric_fid, "scipy", SimpleNamespace(linalg=linalg))
-    mu1, mu2 = rng.standard_normal(6), rng.standard_normal(6)
-    s1, s2 = rng.uniform(0.1, 3.0, 6), rng.uniform(0.1, 3.0, 6)
-    fid = metric_fid.fid_statistics_to_metric({"mu": mu1, "sigma": np.diag(s1)}, {"mu": mu2, "sigma": np.diag(s2)},
-                                              verbose=False)[metric_fid.KEY_METRIC_FID]
-    expected = ((mu1 - mu2) ** 2).sum() + (s1 + s2 - 2 * np.sqrt(s1 * s2)).sum()
-    assert calls[-1] == (6, 6) and fid == pytest.approx(expected, rel=1e-10)
-
-    # A SciPy that still takes disp (this one, while requirements.txt pins scipy<1.18) is left as it is.
-    if "disp" in inspect.signature(real_sqrtm).parameters:
-        kept = SimpleNamespace(sqrtm=real_sqrtm)
-        metrics.sqrtm_accepting_disp(kept)
-        assert kept.sqrtm is real_sqrtm

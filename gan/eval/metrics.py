@@ -1,41 +1,36 @@
-"""FID / KID / IS for generated images, on torch-fidelity's Inception and torch-fidelity's metric functions.
+"""FID / KID / IS for generated images: torch-fidelity's Inception, our FID and KID on the evaluation device.
 
 Features come from torch-fidelity's ``FeatureExtractorInceptionV3`` (uint8 in, its TF-compatible bilinear resize
-to 299 inside), run in batches under ``torch.inference_mode`` with the model in channels_last. The metrics are
-torch-fidelity's own ``fid_features_to_statistics`` / ``fid_statistics_to_metric``, ``kid_features_to_metric`` and
-``isc_features_to_metric``. Reference (real-image) features and FID statistics are cached on disk.
+to 299 inside), run in batches under ``torch.inference_mode`` with the model in channels_last. FID (gan/eval/fid.py)
+and KID (gan/eval/kid.py) are computed in float64 where the features are, with torch-fidelity's definitions
+and KID subsets, and tested against torch-fidelity's own functions; IS is torch-fidelity's
+``isc_features_to_metric``. Reference (real-image) features, their FID statistics and the square root of their
+covariance are cached on disk.
 
-    weights = resolve_inception_weights(None, cache_dir=None)           # offline: converted, no IS
+    weights = resolve_inception_weights(None, cache_dir=None)           # gan.eval.inception; offline: no IS
     ev = Evaluator(weights, torch.device("cuda"), lambda: real_uint8, "cifar10-train-50000")
     ev.score(fake_uint8)  # {"fid", "kid_mean", "kid_std", ["isc_mean", "isc_std"], "num_samples"}
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import inspect
-import io
 import logging
 import os
 import re
 import sys
-import warnings
 from typing import Callable
 
-import numpy as np
-import scipy.linalg
 import torch
 from torch_fidelity.defaults import DEFAULTS
-from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
-from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, kid_features_to_metric
 from tqdm.auto import tqdm
 
 from gan.core.checkpoint import atomic_save
-from gan.eval.inception import (InceptionExtractor, InceptionWeights, default_cache_dir,
-                           resolve_inception_weights)
+from gan.eval import fid, inception
+from gan.eval.inception import InceptionExtractor, InceptionWeights, default_cache_dir
+from gan.eval.kid import kernel_inception_distance
 
-__all__ = ["InceptionWeights", "resolve_inception_weights", "Evaluator", "IS_UNAVAILABLE_MESSAGE"]
+__all__ = ["Evaluator", "IS_UNAVAILABLE_MESSAGE"]
 
 log = logging.getLogger(__name__)
 
@@ -47,33 +42,10 @@ _is_unavailable_reported = False  # the message above is printed once per proces
 # ~49/54/60/83; under load from other jobs 16 is the worst and 64 the best. 32 is the compromise.
 # `batch_size` still sets the forward batch on CUDA.
 CPU_MAX_FORWARD_BATCH = 32
-REFERENCE_CACHE_FORMAT = 1
-
-
-def sqrtm_accepting_disp(linalg) -> None:
-    """Let torch-fidelity 0.3.0's FID run on a SciPy without ``sqrtm(disp=)`` (removed in SciPy 1.18).
-
-    Its ``fid_statistics_to_metric`` calls ``scipy.linalg.sqrtm(A, disp=False)`` and unpacks ``(root, errest)``.
-    requirements.txt pins scipy<1.18, but a machine's own python (the lent GPU's) may bring a newer SciPy, where
-    every FID would fail with a TypeError. There, ``linalg.sqrtm`` is wrapped to keep the old contract: the root
-    alone for disp=True, ``(root, ||root @ root - A||_F ** 2 / ||A||_F)`` for disp=False, as SciPy 1.17 returned it
-    (torch-fidelity discards that estimate).
-    A SciPy that still takes ``disp`` is left untouched."""
-    sqrtm = linalg.sqrtm
-    if "disp" in inspect.signature(sqrtm).parameters:
-        return
-
-    def sqrtm_with_disp(A, disp=True, **kwargs):
-        root = sqrtm(A, **kwargs)
-        if disp:
-            return root
-        return root, np.linalg.norm(root @ root - A, "fro") ** 2 / np.linalg.norm(A, "fro")
-
-    sqrtm_with_disp.__wrapped__ = sqrtm
-    linalg.sqrtm = sqrtm_with_disp
-
-
-sqrtm_accepting_disp(scipy.linalg)
+# 2: the file also holds sigma_sqrt, the covariance's square root FID needs. A version-1 file is upgraded in
+# place (the root is computed from its sigma), so its features are not extracted again.
+REFERENCE_CACHE_FORMAT = 2
+_REFERENCE_STATS = ("mu", "sigma", "sigma_sqrt", "features")
 
 
 def _report_is_unavailable() -> None:
@@ -103,8 +75,9 @@ class Evaluator:
 
     ``reference()`` returns the real images as a uint8 tensor (N,3,H,W); it is called only when the reference
     cache (``<cache_dir>/ref-<reference_id>-...-inception<weights.identity>.pt``) is missing. The file holds the
-    reference features (float32, as the network produces them) and their FID statistics (float64), so
-    ``reference_id`` must change whenever the reference images do (include e.g. the split and N in it).
+    reference features (float32, as the network produces them), their FID statistics and the covariance's
+    square root (float64), so ``reference_id`` must change whenever the reference images do (include e.g. the
+    split and N in it). Features, statistics and scores stay on ``device`` until the scores are read.
     """
 
     def __init__(self, weights: InceptionWeights, device: torch.device, reference: Callable[[], torch.Tensor],
@@ -124,7 +97,8 @@ class Evaluator:
         self.has_head = weights.has_head
         self._features_list = ["2048", "logits_unbiased"] if self.has_head else ["2048"]
         self._model: InceptionExtractor | None = None
-        self._ref: dict | None = None
+        self._ref: dict | None = None  # as cached, on the CPU
+        self._ref_on_device: dict | None = None  # the same tensors on the evaluation device
         if not self.has_head:
             _report_is_unavailable()
 
@@ -138,7 +112,7 @@ class Evaluator:
         m = cfg.metrics
 
         def resolve():
-            return resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
+            return inception.resolve_inception_weights(m.inception_weights, m.cache_dir, m.allow_download)
         # Under torchrun rank 0 first: it may convert or download the weights into the cache the others then read.
         weights = distributed.on_main(resolve)
         if not distributed.is_main():
@@ -161,7 +135,8 @@ class Evaluator:
         return self.batch_size if self.device.type == "cuda" else min(self.batch_size, CPU_MAX_FORWARD_BATCH)
 
     def _extract(self, images: torch.Tensor, desc: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(2048-d float32 features, float32 logits_unbiased or None), both on CPU."""
+        """(2048-d float32 features, float32 logits_unbiased or None), both on the evaluation device: no copy
+        to the host per batch, whose wait would stall the next batch's launch on a GPU."""
         n = images.shape[0]
         step = self._forward_batch_size()
         feats, logits = [], []
@@ -170,55 +145,62 @@ class Evaluator:
             for start in range(0, n, step):
                 batch = images[start:start + step].to(self.device, non_blocking=True)
                 out = self.model(batch)
-                feats.append(out[0].float().cpu())
+                feats.append(out[0].float())
                 if self.has_head:
-                    logits.append(out[1].float().cpu())
+                    logits.append(out[1].float())
                 bar.update(batch.shape[0])
         return torch.cat(feats), (torch.cat(logits) if self.has_head else None)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Inception pool features (N, 2048) float64 on CPU of uint8 images (N,3,H,W) on any device."""
         _check_images(images, "features", min_count=1)
-        return self._extract(images, "Inception features")[0].double()
+        return self._extract(images, "Inception features")[0].double().cpu()
 
     # ---------------------------------------------------------------------------------------------- reference
     @property
     def reference_cache_path(self) -> str:
         return os.path.join(self.cache_dir, _reference_cache_name(self.reference_id, self.weights.identity))
 
+    def _load_reference_cache(self, path: str) -> dict | None:
+        """The cached reference, upgraded from format 1 (no sigma_sqrt) in place; None when missing or stale."""
+        if not os.path.isfile(path):
+            return None
+        try:
+            ref = torch.load(path, map_location="cpu", weights_only=True)
+            if (ref.get("format") not in (1, REFERENCE_CACHE_FORMAT) or ref.get("reference_id") != self.reference_id
+                    or ref.get("weights_identity") != self.weights.identity):
+                raise ValueError("metadata mismatch")
+            needed = _REFERENCE_STATS if ref["format"] == REFERENCE_CACHE_FORMAT else ("mu", "sigma", "features")
+            if missing := [k for k in needed if k not in ref]:
+                raise ValueError(f"no {', '.join(missing)}")
+        except Exception as e:  # unreadable / stale: recompute
+            log.warning("ignoring reference cache %s (%s)", path, e)
+            return None
+        if ref["format"] == 1:
+            ref["sigma_sqrt"] = fid.psd_sqrt(ref["sigma"].to(self.device)).cpu()
+            ref["format"] = REFERENCE_CACHE_FORMAT
+            atomic_save(ref, path)
+        if self.verbose:
+            print(f"Loaded reference statistics ({ref['num_samples']} images) from {path}", file=sys.stderr)
+        return ref
+
     def prepare_reference(self) -> dict:
         """Loads the reference features/statistics from the cache, computing and caching them on a miss."""
         if self._ref is not None:
             return self._ref
         path = self.reference_cache_path
-        ref = None
-        if os.path.isfile(path):
-            try:
-                ref = torch.load(path, map_location="cpu", weights_only=True)
-                if (ref.get("format") != REFERENCE_CACHE_FORMAT or ref.get("reference_id") != self.reference_id
-                        or ref.get("weights_identity") != self.weights.identity):
-                    raise ValueError("metadata mismatch")
-            except Exception as e:  # unreadable / stale: recompute
-                log.warning("ignoring reference cache %s (%s)", path, e)
-                ref = None
-            else:
-                if self.verbose:
-                    print(f"Loaded reference statistics ({ref['num_samples']} images) from {path}", file=sys.stderr)
+        ref = self._load_reference_cache(path)
         if ref is None:
             images = self.reference()
             _check_images(images, "reference()")
             feats, _ = self._extract(images, f"Reference features ({self.reference_id})")
             del images
-            stats = fid_features_to_statistics(feats.double())
-            ref = {
-                "format": REFERENCE_CACHE_FORMAT,
-                "reference_id": self.reference_id,
-                "weights_identity": self.weights.identity,
-                "num_samples": int(feats.shape[0]),
-                "features": feats,  # float32, as produced by the network
-                "mu": torch.from_numpy(stats["mu"]),
-                "sigma": torch.from_numpy(stats["sigma"]),
-            }
+            mu, sigma = fid.statistics(feats)
+            # float32 features, as produced by the network; the statistics in float64
+            self._ref_on_device = {"features": feats, "mu": mu, "sigma": sigma, "sigma_sqrt": fid.psd_sqrt(sigma)}
+            ref = {"format": REFERENCE_CACHE_FORMAT, "reference_id": self.reference_id,
+                   "weights_identity": self.weights.identity, "num_samples": int(feats.shape[0]),
+                   **{k: v.cpu() for k, v in self._ref_on_device.items()}}
             os.makedirs(os.path.dirname(path), exist_ok=True)
             atomic_save(ref, path)
             if self.verbose:
@@ -226,44 +208,43 @@ class Evaluator:
         self._ref = ref
         return ref
 
+    def _reference_on_device(self) -> dict:
+        if self._ref_on_device is None:
+            ref = self.prepare_reference()
+            self._ref_on_device = {k: ref[k].to(self.device) for k in _REFERENCE_STATS}
+        return self._ref_on_device
+
     # -------------------------------------------------------------------------------------------------- score
     def score(self, images: torch.Tensor) -> dict:
         """FID, KID (and IS with the head) of uint8 images (N,3,H,W) against the reference set."""
         _check_images(images, "score")
         self.prepare_reference()  # first: on a cache miss it extracts the real images' features
-        return self.score_features(*self.inception_outputs(images))
+        return self.score_features(*self.inception_outputs(images, on_device=True))
 
-    def inception_outputs(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(pool features, logits or None) of uint8 images; what score_features takes, e.g. gathered
-        from several processes."""
-        return self._extract(images, "Inception features")
+    def inception_outputs(self, images: torch.Tensor, on_device: bool = False
+                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(pool features, logits or None) of uint8 images: what score_features takes. On the CPU (one copy
+        to the host at the end), e.g. to be gathered from several processes; or left on the evaluation
+        device."""
+        feats, logits = self._extract(images, "Inception features")
+        if on_device:
+            return feats, logits
+        return feats.cpu(), (logits.cpu() if logits is not None else None)
 
     def score_features(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> dict:
-        """FID, KID (and IS with the head) from Inception outputs already computed."""
-        ref = self.prepare_reference()
+        """FID, KID (and IS with the head) from Inception outputs already computed (on any device)."""
+        ref = self._reference_on_device()
+        feats = feats.to(self.device)
         n = int(feats.shape[0])
-
-        ref_stats = {"mu": ref["mu"].numpy(), "sigma": ref["sigma"].numpy()}
-        stats = fid_features_to_statistics(feats.double())
-        # torch-fidelity's verbose=False path breaks on a singular product (scipy returns a tuple), so run it
-        # verbose and keep its messages (stderr) out of our output unless something was flagged.
-        captured = io.StringIO()
-        with contextlib.redirect_stderr(captured), warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated.*")
-            fid = fid_statistics_to_metric(stats, ref_stats, verbose=True)[KEY_METRIC_FID]
-        for line in captured.getvalue().splitlines():
-            if "WARNING" in line:
-                log.warning(line)
-
-        # float32 features for KID, as torch-fidelity's own pipeline passes them.
-        subset = min(self.kid_subset_size, n, ref["num_samples"])
-        kid = kid_features_to_metric(feats, ref["features"], kid_subsets=self.kid_subsets, kid_subset_size=subset,
-                                     rng_seed=DEFAULTS["rng_seed"], verbose=False)
-        out = {"fid": float(fid), "kid_mean": kid[KEY_METRIC_KID_MEAN], "kid_std": kid[KEY_METRIC_KID_STD]}
+        mu, sigma = fid.statistics(feats)
+        out = {"fid": fid.frechet_distance(mu, sigma, ref["mu"], ref["sigma"], ref["sigma_sqrt"])}
+        subset = min(self.kid_subset_size, n, int(ref["features"].shape[0]))
+        out["kid_mean"], out["kid_std"] = kernel_inception_distance(
+            feats, ref["features"], subsets=self.kid_subsets, subset_size=subset, seed=DEFAULTS["rng_seed"])
         if self.has_head:
             # torch-fidelity's 10 splits; fewer for small N so that every split holds at least 2 images.
             splits = min(DEFAULTS["isc_splits"], max(1, n // 2))
-            isc = isc_features_to_metric(logits, splits=splits, shuffle=True, rng_seed=DEFAULTS["rng_seed"])
+            isc = isc_features_to_metric(logits.cpu(), splits=splits, shuffle=True, rng_seed=DEFAULTS["rng_seed"])
             out["isc_mean"] = isc[KEY_METRIC_ISC_MEAN]
             out["isc_std"] = isc[KEY_METRIC_ISC_STD]
         out["num_samples"] = n

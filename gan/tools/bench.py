@@ -6,7 +6,8 @@
   (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), all timed side by side;
   beside each time, the aten ops one step dispatches (eager), a figure that does not depend on the machine.
 - eval:  our Inception feature extraction vs a default `torch_fidelity.calculate_metrics` call on the
-  same images, and the FID each gives.
+  same images, and the FID each gives; then FID from those images' 2048-d statistics, ours vs
+  torch-fidelity's `fid_statistics_to_metric`.
 Timings alternate between the two sides and report the median, so drift hits both alike.
 """
 from __future__ import annotations
@@ -224,8 +225,8 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
 
 def bench_eval(device: torch.device, num_images: int, repeats: int, weights_path: str | None = None) -> list[Row]:
     import torch_fidelity
-    from gan.eval.inception import weights_for_torch_fidelity
-    from gan.eval.metrics import Evaluator, resolve_inception_weights
+    from gan.eval.inception import resolve_inception_weights, weights_for_torch_fidelity
+    from gan.eval.metrics import Evaluator
     from gan.core.sampling import generate, to_uint8
     from models.dcgan import Generator, dcgan_init
 
@@ -260,11 +261,53 @@ def bench_eval(device: torch.device, num_images: int, repeats: int, weights_path
                 feature_extractor_weights_path=their_weights, cache=False, verbose=False))
         t_ours, t_theirs = _alternate(ours_fn, theirs_fn, repeats, device)
         fid_ours = ev.score(fake)["fid"]
+        distance = bench_frechet_distance(device, ev.features(fake), ev.prepare_reference()["features"], repeats)
     fid_theirs = theirs["frechet_inception_distance"]
     n = 2 * num_images
     return [Row("eval", f"Inception features, {num_images} generated + {num_images} real images", n / t_ours,
                 n / t_theirs, "img/s", "speed-up vs torch-fidelity", t_theirs / t_ours,
-                {"fid_ours": fid_ours, "fid_torch_fidelity": fid_theirs, "fid_abs_diff": abs(fid_ours - fid_theirs)})]
+                {"fid_ours": fid_ours, "fid_torch_fidelity": fid_theirs, "fid_abs_diff": abs(fid_ours - fid_theirs)}),
+            distance]
+
+
+def bench_frechet_distance(device: torch.device, features: torch.Tensor, reference: torch.Tensor, repeats: int) -> Row:
+    """FID from the two sets' 2048-d statistics (float64): ours (eigenvalues on `device`, the reference
+    covariance's root computed once beforehand, as the Evaluator caches it) vs torch-fidelity's
+    fid_statistics_to_metric (SciPy's sqrtm on the CPU), alternating, median of `repeats` after ours warms up."""
+    import warnings
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+    from gan.eval import fid
+    (mu1, s1), (mu2, s2) = fid.statistics(features.to(device)), fid.statistics(reference.to(device))
+    _sync(device)
+    t0 = time.perf_counter()
+    root = fid.psd_sqrt(s2)
+    _sync(device)
+    t_root = time.perf_counter() - t0
+    theirs_in = [{"mu": m.cpu().numpy(), "sigma": s.cpu().numpy()} for m, s in ((mu1, s1), (mu2, s2))]
+    out = {}
+
+    def ours():
+        out["ours"] = fid.frechet_distance(mu1, s1, mu2, s2, root)
+
+    def theirs():
+        with warnings.catch_warnings():  # its sqrtm(disp=) call, deprecated in SciPy 1.17
+            warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated.*")
+            out["theirs"] = fid_statistics_to_metric(*theirs_in, verbose=False)[KEY_METRIC_FID]
+    ours()
+    times: dict[str, list[float]] = {"ours": [], "theirs": []}
+    for _ in range(repeats):
+        for name, fn in (("theirs", theirs), ("ours", ours)):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            times[name].append(time.perf_counter() - t0)
+    t_ours, t_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
+    return Row("eval", f"Fréchet distance from {s1.shape[0]}-d statistics: ours vs torch-fidelity's",
+               t_ours * 1e3, t_theirs * 1e3, "ms", "Fréchet distance speed-up vs torch-fidelity", t_theirs / t_ours,
+               {"fid_ours": out["ours"], "fid_torch_fidelity": out["theirs"],
+                "fid_rel_diff": abs(out["ours"] - out["theirs"]) / abs(out["theirs"]),
+                "reference_root_once_ms": t_root * 1e3})
 
 
 def format_table(rows: list[Row], device: torch.device) -> str:
@@ -279,7 +322,7 @@ def format_table(rows: list[Row], device: torch.device) -> str:
             if isinstance(v, int):  # counts
                 lines.append(f"{'':<6}   {k} = {v}")
                 continue
-            lines.append(f"{'':<6}   {k} = {v:.4f}")
+            lines.append(f"{'':<6}   {k} = {v:.4f}" if abs(v) >= 1e-3 or v == 0 else f"{'':<6}   {k} = {v:.2e}")
     return "\n".join(lines)
 
 
