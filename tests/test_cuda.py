@@ -2,8 +2,8 @@
 reported as skipped, where torch sees no CUDA device.
 
 Each test pins down one thing the default GPU run relies on: MN's maths on the device, the GPU training
-defaults (bf16 autocast, channels_last, fused Adam, data on the device), exact resume, FID that does not
-depend on the device, and the NCCL backend.
+defaults (bf16 autocast, channels_last, fused Adam, data on the device), torch.compile with and without
+CUDA graphs, exact resume, FID that does not depend on the device, and the NCCL backend.
 """
 from __future__ import annotations
 
@@ -83,12 +83,23 @@ def _gpu_trainer(tmp_path, norm: str, **extra):
     return Trainer(load_config(None, overrides), progress=False, data=data)
 
 
-@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled tests start from no compiled code and no CUDA graphs, and leave none behind."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # also clears CUDA graph trees
+    counters.clear()
+    yield counters
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("mode", [None, "auto", "reduce-overhead"], ids=["eager", "compiled", "cuda-graphs"])
 @pytest.mark.parametrize("norm", ["bn", "mn"])
-def test_fifty_steps_with_the_gpu_defaults_stay_finite(tmp_path, norm, compile):
-    """The default GPU run's settings, and with train.compile (compile_mode auto, torch's default mode;
-    the first step eager)."""
-    t = _gpu_trainer(tmp_path, norm, **{"train.compile": compile})
+def test_fifty_steps_with_the_gpu_defaults_stay_finite(tmp_path, norm, mode, fresh_dynamo):
+    """The default GPU run's settings, and with train.compile: compile_mode auto (torch's default mode) and
+    reduce-overhead (CUDA graphs, with bf16 autocast inside them); the first step eager."""
+    t = _gpu_trainer(tmp_path, norm, **{"train.compile": mode is not None, "train.compile_mode": mode or "auto"})
     # The defaults of a GPU run, as configured (not assumed): bf16, channels_last, fused Adam, data on the GPU.
     assert t.amp == torch.bfloat16 and t.cfg.train.channels_last
     assert t.opt_g.defaults.get("fused") and t.opt_d.defaults.get("fused")
@@ -103,6 +114,63 @@ def test_fifty_steps_with_the_gpu_defaults_stay_finite(tmp_path, norm, compile):
     logged = [r for r in records if "loss_d" in r]
     assert {10, 20, 30, 40, 50} <= {r["step"] for r in logged}
     assert all(torch.isfinite(torch.tensor([r["loss_d"], r["loss_g"]])).all() for r in logged)
+
+
+def _steps(t, n: int) -> list[dict]:
+    out = []
+    for _ in range(n):
+        out.append(t.train_step())
+        t.step += 1
+    return out
+
+
+@pytest.mark.parametrize("norm", ["bn", "mn"])
+def test_cuda_graph_steps_equal_eager_steps_and_never_sync(tmp_path, norm, fresh_dynamo):
+    """train.compile with compile_mode reduce-overhead (torch's CUDA graph trees) vs eager: 8 steps from the
+    same seed in float64 (amp off), with the other GPU defaults (channels_last, fused Adam, data on the
+    device) and EMA on.
+
+    - Step 1 runs eagerly (MN's first fit), step 2 warms every graph up, step 3 records them, later steps
+      replay them. Steps 5-8 run under sync debug mode "error": a replay makes no host sync (recording
+      again would: it synchronizes), and no graph was skipped (a CUDA graph skip falls back silently).
+    - Losses of every step, read after all 8 (so none may live in memory a later graph overwrote), and
+      weights, buffers and the EMA generator agree to 1e-9 relative: float64 kernels that sum in another
+      order differ by ~1e-16 relative per reduction; a graph that read G's output or saved activations
+      after they were overwritten, or replayed stale inputs, is off by far more (or raises).
+    - Batch 16: MN's largest layer (16x16) has 16 * 256 = 4096 samples, all of them EM's (em_samples), so no
+      random subsample, whose draws differ between compiled and eager code, enters the comparison."""
+    from torch._inductor import cudagraph_trees
+    runs = []
+    for mode in ("reduce-overhead", None):
+        torch.set_default_dtype(torch.float64)
+        try:
+            t = _gpu_trainer(tmp_path / str(mode), norm, **{
+                "train.compile": mode is not None, "train.compile_mode": mode or "auto", "train.amp": "off",
+                "train.ema_decay": 0.9, "model.ngf": 32, "model.ndf": 32, "train.batch_size": 16})
+            assert t.opt_g.defaults.get("fused") and t.cfg.train.channels_last and t.stream.images.is_cuda
+            scalars = _steps(t, 4)
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+            try:
+                scalars += _steps(t, 4)
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        finally:
+            torch.set_default_dtype(torch.float32)
+        if mode is not None:
+            assert fresh_dynamo["inductor"]["cudagraph_skips"] == 0, dict(fresh_dynamo["inductor"])
+            manager = cudagraph_trees.get_manager(t.device.index or 0, create_if_none_exists=False)
+            assert manager is not None and any(manager.roots.values()), "no CUDA graph was recorded"
+        losses = torch.tensor([[s["loss_d"].item(), s["loss_g"].item()] for s in scalars], dtype=torch.float64)
+        runs.append((losses, {f"{part}.{k}": v.detach().cpu() for part, m in (("G", t.G), ("D", t.D), ("ema", t.ema))
+                              for k, v in m.state_dict().items()}))
+    (losses_g, state_g), (losses_e, state_e) = runs
+    assert torch.isfinite(losses_g).all()
+    torch.testing.assert_close(losses_g, losses_e, rtol=1e-9, atol=1e-12)
+    assert state_g.keys() == state_e.keys()
+    for k, v in state_e.items():
+        assert state_g[k].dtype == v.dtype, k
+        torch.testing.assert_close(state_g[k], v, rtol=1e-9, atol=1e-12, msg=lambda m: f"{k}: {m}")
 
 
 def test_resume_on_cuda_continues_the_same_run(tmp_path):

@@ -81,9 +81,9 @@ def test_d_takes_no_gradient_from_g_step_and_the_run_is_unchanged(tmp_path, monk
     equal those of the same run whose G step also computes (and discards) D's gradients (float64)."""
     import contextlib
 
-    from gan.core import train
+    from gan.core import step
     t = _trainer(tmp_path, "cpu", "mn", 0.0)
-    g_step, seen = t._g_step, []
+    g_step, seen = t.gan_step._g_step, []
 
     def checked(fake):
         before = [p.grad.clone() for p in t.D.parameters()]
@@ -91,14 +91,14 @@ def test_d_takes_no_gradient_from_g_step_and_the_run_is_unchanged(tmp_path, monk
         seen.append(all(torch.equal(p.grad, b) for p, b in zip(t.D.parameters(), before)))
         seen.append(all(p.requires_grad for p in t.D.parameters()))
         return out
-    t._g_step = checked
+    t.gan_step._g_step = checked
     _steps(t, 3)
     assert seen == [True] * 6
 
     runs = []
     for freeze in (True, False):
         if not freeze:  # the G step as it was: D's weights keep requires_grad
-            monkeypatch.setattr(train, "frozen", lambda module: contextlib.nullcontext(module))
+            monkeypatch.setattr(step, "frozen", lambda module: contextlib.nullcontext(module))
         torch.set_default_dtype(torch.float64)
         try:
             r = _trainer(tmp_path / str(freeze), "cpu", "mn", 0.9)

@@ -131,8 +131,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = key("auto", resumable=True, groups=False)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
     channels_last: bool = True
-    # torch.compile G and D. compile_mode auto: torch's default mode on every device; "reduce-overhead"
-    # (CUDA graphs) failed in the compiled CUDA tests (gan/core/device.py, compile_in_place, says how).
+    # torch.compile G and D. compile_mode auto: torch's default mode on every device; "reduce-overhead" adds
+    # CUDA graphs on a GPU (gan/core/device.py, compile_in_place, says when auto may pick it).
     compile: bool = key(False, resumable=True, groups=False)
     compile_mode: Literal["auto", "default", "reduce-overhead", "max-autotune",
                           "max-autotune-no-cudagraphs"] = key("auto", resumable=True, groups=False)

@@ -48,11 +48,16 @@ def compile_in_place(modules, mode: str = "auto") -> None:
     """torch.compile each module in place, so that state_dict keys (and checkpoints) do not change.
 
     mode (train.compile_mode): auto and default are torch's default mode (kernel fusion), on every device.
-    On CUDA a DCGAN step at batch 64 is many small kernels, where "reduce-overhead" (CUDA graphs) should cut
-    the launch overhead; but with torch 2.11 on an H200 both compiled CUDA tests failed in it: BN with
-    "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run" (G's output, which
-    the G step feeds to D after D's own backward), MN with an assertion in cudagraph_trees. So auto does not
-    pick it; it stays available as train.compile_mode: reduce-overhead.
+    "reduce-overhead" adds CUDA graphs on CUDA, which a DCGAN step at batch 64 (many small, launch-bound
+    kernels) may need to get near the GPU's speed; the training step marks its boundaries for them
+    (begin_compiled_step) and reads nothing of one step's graph outputs in the next (its logged scalars are
+    tensors of their own; gradients are replaced, never accumulated into). auto stays torch's default until
+    CUDA graphs are measured correct and faster on a GPU: scripts/gpu_check.sh runs the CUDA tests
+    (tests/test_cuda.py trains BN and MN under reduce-overhead against eager) and times the training step
+    eager, compiled in the default mode and compiled in reduce-overhead (`cli.py bench train|norm
+    --compile`), so this choice can be revisited from its figures. CUDA graphs also hold a memory pool of
+    their own, and a tensor a graph returned is overwritten once the next step's graphs run, which code
+    that keeps model outputs from one step to the next would trip over.
     """
     mode = None if mode in ("auto", "default") else mode
     try:
@@ -60,6 +65,21 @@ def compile_in_place(modules, mode: str = "auto") -> None:
             m.compile(mode=mode)
     except Exception as e:  # no compiler toolchain, unsupported platform
         print(f"warning: train.compile ignored ({type(e).__name__}: {e})", file=sys.stderr)
+
+
+def begin_compiled_step() -> None:
+    """Marks the start of a training step for the CUDA graphs of compiled modules (reduce-overhead and
+    max-autotune modes on CUDA; on other devices and modes it only moves a counter).
+
+    torch's CUDA graph trees give graph outputs (activations, G's output, gradients) memory in one pool
+    and free it when a new "generation" starts. Unmarked, a generation starts at a compiled call made
+    after a backward: in a GAN step that is D's forward on G's output for the generator's loss, after D's
+    own backward, so G's output and G's saved activations were freed while G's backward still needed them
+    ("accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"). Once marked,
+    generations change only here, so every graph of one step (G forward, D forwards, their backwards) keeps
+    its outputs alive for the rest of the step, and the next step's graphs may reuse that memory.
+    """
+    torch.compiler.cudagraph_mark_step_begin()
 
 
 def eager():

@@ -5,12 +5,10 @@ import math
 import signal
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from gan.core import checkpoint as ckpt
@@ -24,6 +22,7 @@ from gan.core.errors import Diverged, Interrupted, UserError
 from gan.core.run_folder import RunFolder
 from gan.core.sampling import generate, to_uint8
 from gan.core.schedule import Due, Window
+from gan.core.step import GanStep
 from gan.core.tracking import RunLogger
 from models.dcgan import build_models
 from models.sync_norms import local_norms, sync_norms
@@ -86,18 +85,9 @@ class Trainer:
         self.amp = accel.amp_dtype(t.amp, self.device)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
         self.ema = EMA(self.G, t.ema_decay) if t.ema_decay > 0 else None
-        self._eager_steps_left = 0
         if t.compile:
             accel.compile_in_place((self.G, self.D), t.compile_mode)
-            self._eager_steps_left = 1
-        # First step whose loss or gradient was not finite, kept on the device so the hot loop never syncs;
-        # the number of the step being taken, on the device too (set by a fill, not copied from the host).
-        self._first_bad = torch.tensor(-1, device=self.device)
-        self._step_now = torch.zeros((), dtype=torch.int64, device=self.device)
-        self._skipped = False  # on_nan skip: whether this step refused an update
         self.noise = torch.Generator(self.device).manual_seed(cfg.train.seed + NOISE_SEED_OFFSET)
-        per_rank = cfg.train.batch_size // self.world
-        self._z_rows = slice(self.rank * per_rank, (self.rank + 1) * per_rank)
 
         self.step = 0
         self.train_time = 0.0
@@ -107,8 +97,12 @@ class Trainer:
             self._restore(state)
         # The modules that train: DDP wrappers (gradients averaged over ranks) under torchrun, else G and D.
         # Synchronized norms keep buffers equal on every rank, so DDP need not broadcast them.
-        self.g_train = distributed.wrap(self.G, self.device, broadcast_buffers=not cfg.model.sync_norm)
-        self.d_train = distributed.wrap(self.D, self.device, broadcast_buffers=not cfg.model.sync_norm)
+        g_train = distributed.wrap(self.G, self.device, broadcast_buffers=not cfg.model.sync_norm)
+        d_train = distributed.wrap(self.D, self.device, broadcast_buffers=not cfg.model.sync_norm)
+        per_rank = cfg.train.batch_size // self.world
+        self.gan_step = GanStep(cfg, self.G, self.D, g_train, d_train, self.opt_g, self.opt_d, self.scaler,
+                                self.amp, self.ema, self.stream, self.noise, self.device,
+                                slice(self.rank * per_rank, (self.rank + 1) * per_rank), self.is_main)
         self.fixed_z_seed = cfg.train.seed + 10_007
         self.evaluator = None
         if self.is_main:
@@ -171,86 +165,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
 
-    def _autocast(self):
-        return accel.autocast(self.device, self.amp)
-
-    def _d_step(self, real: torch.Tensor, z: torch.Tensor):
-        with self._autocast():
-            fake = self.g_train(z)
-            # Two forwards (BN sees real and fake batches apart, as in the DCGAN example), one backward:
-            # DDP's hooks fire once per parameter with the sum of both uses' gradients.
-            d_real = _loss_precision(self.d_train(real))
-            d_fake = _loss_precision(self.d_train(fake.detach()))
-            # Non-saturating GAN loss; softplus(-x) is BCE-with-logits against 1, softplus(x) against 0.
-            loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-        self._apply(self.opt_d, self.D, loss_d)
-        return fake, loss_d.detach(), d_real.detach(), d_fake.detach()
-
-    def _g_step(self, fake: torch.Tensor):
-        # D itself, not its DDP wrapper, with its weights frozen: G's loss needs only the path through D to
-        # G's output, so D's weight gradients (and averaging them over ranks) would be work thrown away.
-        # Its synchronized BN still normalizes with global statistics.
-        with frozen(self.D), self._autocast():
-            loss_g = F.softplus(-_loss_precision(self.D(fake))).mean()
-        self._apply(self.opt_g, self.G, loss_g)
-        self.scaler.update()
-        return loss_g.detach()
-
-    def _apply(self, opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        finite = torch.isfinite(loss)
-        if not self.scaler.is_enabled():
-            # Under fp16 loss scaling, inf gradients are routine overflow: the scaler skips that
-            # update and lowers its scale by itself, so only the loss says the run diverged.
-            grads = [p.grad for p in model.parameters() if p.grad is not None]
-            finite = finite & torch.isfinite(torch.nn.utils.get_total_norm(grads))
-        if self.cfg.train.on_nan == "skip":
-            # This mode pays a host sync per update to keep a bad batch out of the weights;
-            # under torchrun the ranks agree, so that all of them skip the update or none does.
-            if not distributed.all_true(bool(finite.item())):
-                if not self._skipped and self.is_main:  # one line per step (D and G may both skip)
-                    print(f"warning: non-finite loss or gradient at step {self.step + 1}; update skipped",
-                          file=sys.stderr)
-                opt.zero_grad(set_to_none=True)
-                self._skipped = True
-                return
-        else:
-            self._first_bad = torch.where(finite | (self._first_bad >= 0), self._first_bad, self._step_now)
-        self.scaler.step(opt)
-
     def train_step(self) -> dict | None:
-        """One generator update after `d_steps` discriminator updates; returns device scalars,
-        or None when `on_nan: skip` refused an update."""
-        # Under train.compile the first step of a process runs eagerly: it fits MN's first mixtures
-        # (or reads `initialized` from a checkpoint), which needs a host sync that would break the graph
-        # and make every MN layer's code compile again for its own width. Compiled steps follow.
-        if self._eager_steps_left:
-            self._eager_steps_left -= 1
-            with accel.eager():
-                return self._train_step()
-        return self._train_step()
-
-    def _train_step(self) -> dict | None:
-        cfg = self.cfg.train
-        self._skipped = False
-        self._step_now.fill_(self.step + 1)
-        for j in range(cfg.d_steps):
-            real = self.stream.batch(self.step * cfg.d_steps + j)
-            if self.cfg.train.channels_last:
-                real = real.contiguous(memory_format=torch.channels_last)
-            # The global batch's noise, the same on every rank; this rank's rows of it.
-            z = torch.randn(cfg.batch_size, self.cfg.model.z_dim, device=self.device,
-                            generator=self.noise)[self._z_rows]
-            # The last discriminator step's fakes are reused for the generator step, as in the DCGAN example.
-            fake, loss_d, d_real, d_fake = self._d_step(real, z)
-        loss_g = self._g_step(fake)
-        if self._skipped:
-            return None
-        if self.ema is not None:
-            self.ema.update_parameters(self.G)
-        return {"loss_d": loss_d, "loss_g": loss_g,
-                "d_real": torch.sigmoid(d_real).mean(), "d_fake": torch.sigmoid(d_fake).mean()}
+        """One generator update after `d_steps` discriminator updates (gan/core/step.py); returns device
+        scalars, or None when `on_nan: skip` refused an update."""
+        return self.gan_step(self.step)
 
     # ------------------------------------------------------------------ sampling and evaluation
 
@@ -325,7 +243,7 @@ class Trainer:
             if self.world > 1:
                 # DDP's reducers hold the process group. Freed later, after distributed.teardown(), the gloo
                 # group's destructor could hang the process at exit (seen on torch 2.11, 1 run in 3).
-                self.g_train = self.d_train = None
+                self.gan_step = None
 
     def _loop(self) -> dict:
         cfg = self.cfg
@@ -398,7 +316,7 @@ class Trainer:
         bar.set_postfix(post, refresh=False)
 
     def _check_finite(self) -> None:
-        bad = distributed.first_step(int(self._first_bad))  # under torchrun: the first bad step on any rank
+        bad = distributed.first_step(int(self.gan_step.first_bad))  # under torchrun: the first bad step on any rank
         if bad >= 0:
             raise _shared(Diverged(f"training diverged: non-finite loss or gradient at step {bad}; "
                                    f"last good checkpoint: {self._last_ckpt()} "
@@ -407,25 +325,6 @@ class Trainer:
     def _last_ckpt(self) -> str:
         found = self.folder.checkpoints()
         return str(found[0]) if found else "none yet"
-
-
-@contextmanager
-def frozen(module: torch.nn.Module):
-    """The module's trainable parameters do not require grad inside the block."""
-    trained = [p for p in module.parameters() if p.requires_grad]
-    for p in trained:
-        p.requires_grad_(False)
-    try:
-        yield module
-    finally:
-        for p in trained:
-            p.requires_grad_(True)
-
-
-def _loss_precision(logits: torch.Tensor) -> torch.Tensor:
-    """D's logits in at least float32 for the loss: AMP's bf16/fp16 logits are upcast; float32 and
-    float64 (the tests' exact-arithmetic runs) stay as they are."""
-    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
 def _shared(error: UserError) -> UserError:
