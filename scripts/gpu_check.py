@@ -1,14 +1,21 @@
 """Everything we want to know about a GPU machine, in one command of a few minutes (see gpu_check.sh).
 
-Stages in this order, each timed, each written to OUTDIR/summary.json as soon as it ends (a stage that
-fails is recorded and the next one still runs):
-  environment   torch, CUDA, the GPU's name and memory
-  probe         step time of BN and MN runs trained J at a time on one device (the study's setting),
-                through `cli.py study --budget-minutes`: with fid_timing, what a GPU study is sized from
-  fid_timing    wall time of FID/KID for N generated images against the test images' statistics
-                (the statistics are computed first, once, and timed apart)
-  cuda_tests    `pytest -m cuda tests` (MN = BN at K=1, GPU-default runs, resume, FID on CUDA = CPU, NCCL)
-  bench         `cli.py bench all` (ours vs the classic loop, MN/BN, eval vs torch-fidelity)
+Stages in this order, most needed first, so that a time cap on the whole check cuts the least needed;
+each is timed and written to OUTDIR/summary.json as soon as it ends (a stage that fails is recorded and
+the next one still runs):
+  environment      torch, CUDA, the GPU's name and memory
+  probe            step time of BN and MN runs trained J at a time on one device, through
+                   `cli.py study --budget-minutes`: with fid_timing, what a GPU study is sized from
+                   (scripts/size_study.py reads both from summary.json)
+  fid_timing       wall time of FID/KID for N generated images against the test images' statistics
+                   (generation, Inception, statistics; the reference statistics are computed first, once,
+                   and timed apart)
+  bench            `cli.py bench train|norm|eval` (ours vs the classic loop, MN/BN, eval vs torch-fidelity)
+  bench_compiled   `cli.py bench train|norm --compile`, where bench has that option
+  cuda_tests       `pytest -m cuda tests` (MN = BN at K=1, GPU-default runs, no host sync in a step,
+                   resume, FID/KID on CUDA = CPU, NCCL)
+  concurrent       the GPU study's nine runs at once (3 BN, 3 MN, 3 MN in layer 0 only,
+                   configs/study-gpu-runs.yaml): their aggregate steps/s
 OUTDIR/summary.md is the readable report, OUTDIR/log.txt the full output.
 """
 from __future__ import annotations
@@ -31,14 +38,18 @@ sys.path.insert(0, str(ROOT))
 
 # Full-size numbers on a GPU; tiny ones for --cpu-dry-run, which CI runs to test this script. The GPU probe
 # trains 10 runs at once (5 BN, 5 MN), one more than the 9 of configs/study-gpu-runs.yaml, so that MN's
-# measured step time errs slow and the study sized from it errs on the safe side.
+# measured step time errs slow and the study sized from it errs on the safe side. `concurrent` then trains
+# the study's own nine runs (its variants, seeds 0-2) to measure what they achieve together.
 SIZES = {
     "gpu": {"fid_samples": [10_000, 50_000], "probe_minutes": 0.75, "jobs": 10, "bench": ["--repeats", "3"],
-            "probe_set": []},
+            "probe_set": [], "concurrent_minutes": 0.75, "concurrent_seeds": 3},
     "dry": {"fid_samples": [64], "probe_minutes": 0.4, "jobs": 2,
             "bench": ["--steps", "2", "--repeats", "1", "--ngf", "16", "--eval-images", "16"],
-            "probe_set": ["model.ngf=8", "model.ndf=8", "train.batch_size=16", "train.threads=1"]},
+            "probe_set": ["model.ngf=8", "model.ndf=8", "train.batch_size=16", "train.threads=1"],
+            "concurrent_minutes": 0.3, "concurrent_seeds": 1},
 }
+BENCHES = ("train", "norm", "eval")
+COMPILED_BENCHES = ("train", "norm")  # eval's networks are not compiled
 
 
 class Check:
@@ -105,8 +116,8 @@ def environment(device: str) -> dict:
 
 
 def cuda_tests(check: Check, env: dict) -> dict:
-    code, out = check.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider",
-                           "tests/test_cuda.py"], env=env)
+    code, out = check.run([sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests"],
+                          env=env)
     counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", out))
     if code not in (0, 5) or counts.get("failed") or counts.get("error"):
         raise RuntimeError(f"cuda tests: exit {code}, {counts}")
@@ -135,26 +146,30 @@ def fid_timing(device: str, test_data: str, weights: str | None, sizes: list[int
     for n in sizes:
         _sync(dev)
         t0 = time.perf_counter()
-        images = generate(G, n, cfg.model.z_dim, cfg.eval.seed, dev, cfg.eval.batch_size)
-        t_gen = time.perf_counter() - t0
-        scores = ev.score(to_uint8(images))
+        images = to_uint8(generate(G, n, cfg.model.z_dim, cfg.eval.seed, dev, cfg.eval.batch_size))
         _sync(dev)
+        t_gen = time.perf_counter()
+        outputs = ev.inception_outputs(images, on_device=True)  # what ev.score(images) does, in two timed parts
+        _sync(dev)
+        t_inception = time.perf_counter()
+        scores = ev.score_features(*outputs)  # FID and KID: the scores are read, so nothing is left in flight
         total = time.perf_counter() - t0
-        out["runs"].append({"samples": n, "seconds": round(total, 2), "generate_seconds": round(t_gen, 3),
+        out["runs"].append({"samples": n, "seconds": round(total, 2), "generate_seconds": round(t_gen - t0, 3),
+                            "inception_seconds": round(t_inception - t_gen, 3),
+                            "scores_seconds": round(time.perf_counter() - t_inception, 3),
                             "fid": scores["fid"], "kid_mean": scores["kid_mean"]})
     return out
 
 
-def probe(check: Check, env: dict, outdir: Path, data: str, test_data: str, weights: str | None,
-          minutes: float, jobs: int, extra_sets: list[str]) -> dict:
-    """BN and MN runs trained `jobs` at a time for `minutes`, through the study command itself."""
-    study = outdir / "probe-study.yaml"
-    runs = outdir / "probe"
-    per = max(1, jobs // 2)
-    study.write_text(json.dumps({
-        "base": str(ROOT / "configs" / "study-gpu.yaml"), "out": str(runs), "seeds": list(range(per)),
-        "variants": {"bn": {"model.norm": "bn"}, "mn": {"model.norm": "mn"}},
-    }))
+def concurrent_runs(check: Check, env: dict, outdir: Path, name: str, data: str, test_data: str,
+                    weights: str | None, minutes: float, jobs: int, variants: dict, seeds: int,
+                    extra_sets: list[str]) -> dict:
+    """`seeds` runs of each variant trained `jobs` at a time for `minutes`, through the study command itself;
+    the step time of each variant (mean over its runs) and of all runs together (steps/s summed)."""
+    study = outdir / f"{name}-study.yaml"
+    runs = outdir / name
+    study.write_text(json.dumps({"base": str(ROOT / "configs" / "study-gpu.yaml"), "out": str(runs),
+                                 "seeds": list(range(seeds)), "variants": variants}))
     sets = ["data.source=folder", f"data.path={data}", f"eval.reference={test_data}", "eval.every=0", "log.every=50",
             "log.sample_every=0", "ckpt.every=0", "train.steps=1000000"] + extra_sets
     if weights:
@@ -169,30 +184,66 @@ def probe(check: Check, env: dict, outdir: Path, data: str, test_data: str, weig
     # With no evaluations there is nothing to compare: the study says so and exits 1 after the runs stopped.
     from gan.core.run_folder import RunFolder
     result: dict = {"jobs": jobs, "budget_minutes": minutes, "wall_seconds": round(wall, 1), "study_exit": code}
-    for norm in ("bn", "mn"):
+    steps_per_s = 0.0
+    for variant in variants:
         sps, steps = [], []
-        for run in sorted(runs.glob(f"{norm}-s*")):
+        for run in sorted(runs.glob(f"{variant}-s*")):
             recs = [r for r in RunFolder(run).read_metrics() if "sec_per_step" in r]
             if len(recs) > 1:
                 sps.append(statistics.median(r["sec_per_step"] for r in recs[1:]))  # first window: warm-up
             steps.append(recs[-1]["step"] if recs else 0)
-        result[norm] = {"sec_per_step": statistics.fmean(sps) if sps else None, "steps": steps}
-    if not (result["bn"]["sec_per_step"] and result["mn"]["sec_per_step"]):
-        raise RuntimeError(f"probe: runs logged no step times (study exit {code})")
+        if not sps:
+            raise RuntimeError(f"{name}: {variant} runs logged no step times (study exit {code})")
+        result[variant] = {"sec_per_step": statistics.fmean(sps), "steps": steps}
+        steps_per_s += sum(1 / t for t in sps)
+    result["steps_per_second"] = steps_per_s
+    return result
+
+
+def probe(check: Check, env: dict, outdir: Path, data: str, test_data: str, weights: str | None,
+          minutes: float, jobs: int, extra_sets: list[str]) -> dict:
+    """BN and MN runs trained `jobs` at a time for `minutes`: the step times a study is sized from."""
+    result = concurrent_runs(check, env, outdir, "probe", data, test_data, weights, minutes, jobs,
+                             {"bn": {"model.norm": "bn"}, "mn": {"model.norm": "mn"}}, max(1, jobs // 2), extra_sets)
     result["mn_over_bn"] = result["mn"]["sec_per_step"] / result["bn"]["sec_per_step"]
     return result
 
 
-def bench(check: Check, env: dict, outdir: Path, device: str, weights: str | None, extra: list[str]) -> dict:
-    argv = [sys.executable, str(ROOT / "cli.py"), "bench", "all", "--device", device,
-            "--json", str(outdir / "bench.json")] + extra
-    if weights:
-        argv += ["--weights", weights]
-    code, out = check.run(argv, env=env)
-    if code:
-        raise RuntimeError(f"bench exit {code}")
-    return {"rows": json.loads((outdir / "bench.json").read_text()),
-            "headline": next((l for l in out.splitlines() if l.startswith("headline:")), "")}
+def study_variants() -> dict:
+    """The variants of the GPU study (configs/study-gpu-runs.yaml)."""
+    import yaml
+    return yaml.safe_load((ROOT / "configs" / "study-gpu-runs.yaml").read_text())["variants"]
+
+
+def bench(check: Check, env: dict, outdir: Path, device: str, weights: str | None, extra: list[str],
+          which: tuple[str, ...] = BENCHES, compiled: bool = False) -> dict:
+    """`cli.py bench NAME` for each of `which` (with --compile when `compiled`): its rows and headline."""
+    rows, headlines = [], []
+    for name in which:
+        out_json = outdir / f"bench-{name}{'-compiled' if compiled else ''}.json"
+        argv = [sys.executable, str(ROOT / "cli.py"), "bench", name, "--device", device, "--json", str(out_json)]
+        argv += (["--compile"] if compiled else []) + extra
+        if weights and name == "eval":
+            argv += ["--weights", weights]
+        code, out = check.run(argv, env=env)
+        if code:
+            raise RuntimeError(f"bench {name} exit {code}")
+        rows += json.loads(out_json.read_text())
+        headlines.append(next((l for l in out.splitlines() if l.startswith("headline:")), ""))
+    return {"rows": rows, "headline": "; ".join(h.removeprefix("headline: ") for h in headlines if h)}
+
+
+def bench_has_compile() -> bool:
+    """Whether `cli.py bench` takes --compile (a compiled training step)."""
+    import dataclasses
+    from gan.tools.bench import BenchOptions
+    return any(f.name == "compile" for f in dataclasses.fields(BenchOptions))
+
+
+def bench_compiled(check: Check, env: dict, outdir: Path, device: str, extra: list[str]) -> dict:
+    if not bench_has_compile():
+        return {"skipped": "cli.py bench has no --compile option"}
+    return bench(check, env, outdir, device, None, extra, COMPILED_BENCHES, compiled=True)
 
 
 def _sync(dev) -> None:
@@ -209,19 +260,19 @@ def summary_markdown(s: dict) -> str:
     if s.get("command"):
         lines += [f"Command: `{s['command']}`", ""]
     for name, r in st.items():
-        lines.append(f"- **{name}**: {'ok' if r['ok'] else 'FAILED: ' + r.get('error', '')} ({r['seconds']} s)")
+        state = ("skipped" if r.get("skipped") else "ok") if r["ok"] else "FAILED: " + r.get("error", "")
+        lines.append(f"- **{name}**: {state} ({r['seconds']} s)")
     env = st.get("environment", {})
     if env.get("ok"):
         lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if k not in ("ok", "seconds")]
-    t = st.get("cuda_tests", {})
-    if t.get("ok"):
-        lines += ["", "## CUDA tests", "", f"`pytest -m cuda`: {t['counts']}"]
     f = st.get("fid_timing", {})
     if f.get("ok"):
         lines += ["", "## FID/KID wall time (generation + Inception + statistics)", "",
                   f"Reference statistics of {f['reference_images']} test images: {f['reference_seconds']} s "
-                  "(once; cached after).", "", "| generated images | seconds | of which generation |", "|---|---|---|"]
-        lines += [f"| {r['samples']} | {r['seconds']} | {r['generate_seconds']} |" for r in f["runs"]]
+                  "(once; cached after).", "",
+                  "| generated images | seconds | generation | Inception | FID and KID |", "|---|---|---|---|---|"]
+        lines += [f"| {r['samples']} | {r['seconds']} | {r['generate_seconds']} | {r['inception_seconds']} | "
+                  f"{r['scores_seconds']} |" for r in f["runs"]]
     p = st.get("probe", {})
     if p.get("ok"):
         lines += ["", f"## Step time with {p['jobs']} runs at once on one device ({p['budget_minutes']} min)", "",
@@ -229,12 +280,26 @@ def summary_markdown(s: dict) -> str:
         for norm in ("bn", "mn"):
             lines.append(f"| {norm} | {p[norm]['sec_per_step']:.4f} | {p[norm]['steps']} |")
         lines.append(f"\nMN/BN step time: {p['mn_over_bn']:.2f}x")
-    b = st.get("bench", {})
-    if b.get("ok"):
-        lines += ["", "## bench all", "", "| bench | what | ours | baseline | unit | ratio |", "|---|---|---|---|---|---|"]
-        lines += [f"| {r['bench']} | {r['what']} | {r['ours']:.2f} | {r['baseline']:.2f} | {r['unit']} | "
-                  f"{r['ratio']:.2f}x {r['ratio_name']} |" for r in b["rows"]]
-        lines += ["", b["headline"]]
+    for name, title in (("bench", "bench (eager)"), ("bench_compiled", "bench --compile")):
+        b = st.get(name, {})
+        if b.get("skipped"):
+            lines += ["", f"## {title}", "", f"Not run: {b['skipped']}."]
+        elif b.get("ok"):
+            lines += ["", f"## {title}", "", "| bench | what | ours | baseline | unit | ratio |",
+                      "|---|---|---|---|---|---|"]
+            lines += [f"| {r['bench']} | {r['what']} | {r['ours']:.2f} | {r['baseline']:.2f} | {r['unit']} | "
+                      f"{r['ratio']:.2f}x {r['ratio_name']} |" for r in b["rows"]]
+            lines += ["", b["headline"]]
+    t = st.get("cuda_tests", {})
+    if t.get("ok"):
+        lines += ["", "## CUDA tests", "", f"`pytest -m cuda`: {t['counts']}"]
+    c = st.get("concurrent", {})
+    if c.get("ok"):
+        variants = [k for k, v in c.items() if isinstance(v, dict)]
+        lines += ["", f"## The study's runs, {c['jobs']} at once on one device ({c['budget_minutes']} min)", "",
+                  "| variant | s/step (mean over runs) | steps reached |", "|---|---|---|"]
+        lines += [f"| {v} | {c[v]['sec_per_step']:.4f} | {c[v]['steps']} |" for v in variants]
+        lines.append(f"\nAll {c['jobs']} runs together: {c['steps_per_second']:.0f} steps/s")
     if s.get("note"):
         lines += ["", s["note"]]
     return "\n".join(lines) + "\n"
@@ -284,16 +349,22 @@ def main() -> int:
                PYTHONPATH=os.pathsep.join([str(ROOT)] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
     if weights:
         env["MNGAN_INCEPTION_WEIGHTS"] = weights
-    # The numbers a GPU study is sized from (probe, fid_timing) come first: when a GPU session's call runs
-    # out of time, what it cuts is the correctness tests and the bench, which a later session can rerun.
+    # Most needed first: when a time cap cuts the check short, it cuts the stages a study needs least. The
+    # numbers a GPU study is sized from (probe, fid_timing) come first, then the speed ratios, then the
+    # correctness tests, which CI's CPU twins partly cover, and last the study's nine runs together.
     stages = [
         ("environment", lambda: environment(device)),
         ("probe", lambda: probe(check, env, out, data, test_data, weights, size["probe_minutes"], size["jobs"],
                                 size["probe_set"])),
         # The dry run (CI) never touches the network; a GPU box may try torch-fidelity's download once.
         ("fid_timing", lambda: fid_timing(device, test_data, weights, size["fid_samples"], not args.cpu_dry_run)),
-        ("cuda_tests", lambda: cuda_tests(check, env)),
         ("bench", lambda: bench(check, env, out, device, weights, size["bench"])),
+        ("bench_compiled", lambda: bench_compiled(check, env, out, device, size["bench"])),
+        ("cuda_tests", lambda: cuda_tests(check, env)),
+        ("concurrent", lambda: concurrent_runs(
+            check, env, out, "concurrent", data, test_data, weights, size["concurrent_minutes"],
+            len(study_variants()) * size["concurrent_seeds"], study_variants(), size["concurrent_seeds"],
+            size["probe_set"])),
     ]
     for name, fn in stages:
         if name not in args.skip:

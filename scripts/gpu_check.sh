@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# One command that checks a GPU machine: CUDA tests, FID wall time, step times of concurrent BN/MN runs,
-# and `cli.py bench all`, in about 4 minutes on one H100/H200-class GPU. Writes OUTDIR/summary.md,
-# OUTDIR/summary.json and OUTDIR/log.txt.
+# One command that checks a GPU machine, most needed first (a time cap cuts the least needed): the step
+# times and FID wall time a GPU study is sized from, `cli.py bench train|norm|eval` (eager, and compiled
+# where bench can), the CUDA tests, and the GPU study's nine runs at once. Writes OUTDIR/summary.md,
+# OUTDIR/summary.json (which scripts/size_study.py reads) and OUTDIR/log.txt.
 #
 #   scripts/gpu_check.sh OUTDIR --test-data cifar10-test.zip [--data train.zip] [--weights inception.pth]
 #   scripts/gpu_check.sh OUTDIR --cpu-dry-run      # tiny sizes on a CPU, to test the script (CI runs this)

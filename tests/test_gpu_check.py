@@ -13,6 +13,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import size_study  # noqa: E402
 
 
+@pytest.mark.slow
 def test_gpu_check_cpu_dry_run_runs_every_stage(tmp_path):
     out = tmp_path / "check"
     r = subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out), "--cpu-dry-run"],
@@ -21,7 +22,9 @@ def test_gpu_check_cpu_dry_run_runs_every_stage(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
-    assert list(stages) == ["environment", "probe", "fid_timing", "cuda_tests", "bench"]
+    # Most needed first: the study's sizing, the speed ratios, the CUDA tests, the study's runs together.
+    assert list(stages) == ["environment", "probe", "fid_timing", "bench", "bench_compiled", "cuda_tests",
+                            "concurrent"]
     assert all(s["ok"] for s in stages.values()), {k: s.get("error") for k, s in stages.items()}
     # On a CPU every CUDA test is collected and reported as skipped, never hidden.
     counts = stages["cuda_tests"]["counts"]
@@ -31,12 +34,25 @@ def test_gpu_check_cpu_dry_run_runs_every_stage(tmp_path):
     assert all(s > 0 for s in probe["bn"]["steps"] + probe["mn"]["steps"])
     fid = stages["fid_timing"]["runs"][0]
     assert fid["samples"] == 64 and fid["fid"] > 0 and fid["seconds"] > 0
+    assert fid["seconds"] >= fid["generate_seconds"] + fid["inception_seconds"] + fid["scores_seconds"] - 0.01
     assert {row["bench"] for row in stages["bench"]["rows"]} == {"train", "norm", "eval"}
+    assert any(row["ratio_name"] == "Fréchet distance speed-up vs torch-fidelity" for row in stages["bench"]["rows"])
+    compiled = stages["bench_compiled"]
+    assert compiled.get("skipped") or {row["bench"] for row in compiled["rows"]} == {"train", "norm"}
+    # The GPU study's variants (configs/study-gpu-runs.yaml), one seed each here, trained at once.
+    concurrent = stages["concurrent"]
+    assert concurrent["jobs"] == 3
+    assert all(concurrent[v]["sec_per_step"] > 0 for v in ("bn", "mn", "mn-layer0"))
+    expected = sum(1 / concurrent[v]["sec_per_step"] for v in ("bn", "mn", "mn-layer0"))
+    assert concurrent["steps_per_second"] == pytest.approx(expected)
     md = (out / "summary.md").read_text()
     for heading in ("## Environment", "## CUDA tests", "## FID/KID wall time", "## Step time with 2 runs",
-                    "## bench all"):
-        assert heading in md
+                    "## bench (eager)", "## bench --compile", "## The study's runs, 3 at once"):
+        assert md.count(heading) == 1
     assert (out / "log.txt").stat().st_size > 0
+    # What the study is sized from reads this check's summary.json.
+    sets, why = size_study.size(summary, budget_minutes=1000, evals=1)
+    assert sets["train.steps"] > 0 and why["mn_sec_per_step"] == probe["mn"]["sec_per_step"]
 
 
 def test_gpu_check_refuses_a_machine_without_cuda_unless_dry_run(tmp_path):
