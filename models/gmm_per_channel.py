@@ -43,6 +43,16 @@ def in_place(*ts: Tensor) -> bool:
     return not torch.compiler.is_compiling() and not (torch.is_grad_enabled() and any(t.requires_grad for t in ts))
 
 
+def _slabs(D: Tensor, k: int) -> Tensor:
+    """An uninitialized (k, B, C, L) tensor whose [k] slabs are laid out like the samples of D (rows of
+    an (L, C) matrix when D is sample-major): elementwise ops with D's blocks then run over matching
+    memory, and the softmax over K reads K contiguous slabs."""
+    B, F_, L = D.shape
+    if B == 1 and D.stride(1) == 1:
+        return D.new_empty(k, L, (F_ - 1) // 2).transpose(1, 2).unsqueeze(1)
+    return D.new_empty(k, B, (F_ - 1) // 2, L)
+
+
 def _softmax_k(logj: Tensor) -> Tensor:
     """Softmax over K (dim 0), on the memory-order view when that is contiguous (no copy).
     (torch's CPU softmax copies a non-contiguous input first.)"""
@@ -68,19 +78,21 @@ def log_joint(D: Tensor, gmm: GMM, norm: Tensor | None = None) -> Tensor:
     the features D (gmm centered like them). In 1-D the difference x - mu is cheap and exact, so
     unlike the joint code no expanded quadratic form is needed."""
     norm = log_norm(gmm) if norm is None else norm
-    z = _blocks(D)[:, 0] - bcast(gmm.mu)
-    rs = bcast(gmm.sigma2.rsqrt())
-    if not in_place(z):
-        z = z * rs
+    xc, rs = _blocks(D)[:, 0], bcast(gmm.sigma2.rsqrt())
+    if not in_place(D):
+        z = (xc - bcast(gmm.mu)) * rs
         return torch.addcmul(bcast(norm), z, z, value=-0.5)
-    return torch.addcmul(bcast(norm), z.mul_(rs), z, value=-0.5, out=z)
+    z = torch.sub(xc, bcast(gmm.mu), out=_slabs(D, gmm.mu.shape[0])).mul_(rs)
+    return torch.addcmul(bcast(norm), z, z, value=-0.5, out=z)
 
 
 def moments(tau: Tensor, D: Tensor) -> Tensor:
     """(K, 3C): [n_kc, sum_i tau_ikc xc_ic, sum_i tau_ikc xc_ic^2]. (One product of tau with both
     blocks at once, broadcast over the pair, runs several times slower on CPU than these two.)"""
     xc, xc2 = _blocks(D).unbind(1)
-    return torch.cat([tau.sum((1, 3)), (tau * xc).sum((1, 3)), (tau * xc2).sum((1, 3))], 1)
+    buf = torch.empty_like(tau) if in_place(tau, D) else None  # both products in one buffer
+    return torch.cat([tau.sum((1, 3)), torch.mul(tau, xc, out=buf).sum((1, 3)),
+                      torch.mul(tau, xc2, out=buf).sum((1, 3))], 1)
 
 
 def m_step(S: Tensor, prev: GMM, var_floor: float, eps: float) -> GMM:

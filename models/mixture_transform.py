@@ -298,7 +298,9 @@ class PerChannelFunction(torch.autograd.Function):
                 gy, hc = ctx.reduce(torch.cat([gy, hc], 1)).split(C, 1)
             b, alpha = input_grad_coefficients(Stats(None, n, c, E, None, Ve, sr, center, P, None), shift, gy, hc)
             bc = pc.bcast
-            terms = torch.addcmul(bc(alpha), bc(b), X, value=-1.0).addcmul_(bc(P), dy).mul_(tau)
+            # into tdy's memory, which is free now (under torch.compile, which plans memory itself: a new tensor)
+            terms = torch.addcmul(bc(alpha), bc(b), X, value=-1.0, out=None if torch.compiler.is_compiling() else tdy)
+            terms.addcmul_(bc(P), dy).mul_(tau)
             if torch.compiler.is_compiling():
                 d_x = from_ncl(terms.sum(0), X_in.shape, sm)
             else:  # X's layout, written in place
