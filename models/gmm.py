@@ -292,7 +292,7 @@ def reseed(gmm: GMM, dead_count: Tensor, dist, Ds: Tensor, lambda_min: float, de
     low = gmm.lam < lambda_min
     dead = dead_count.add_(1).mul_(low)  # the buffer, in place
     again = dead >= dead_steps
-    # logj = log_norm - maha / 2: half the distance to the nearest live component.
+    # logj = log_norm - (squared Mahalanobis distance) / 2: d2 is half the distance to the nearest live component.
     logj, log_norm = dist
     d2 = (log_norm.masked_fill(low, float("inf"))[:, None] - logj).amin(1).flatten()
     idx = torch.multinomial(d2.clamp_min_(TINY), K, replacement=True)

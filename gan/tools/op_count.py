@@ -68,8 +68,9 @@ def count_ops(fn: Callable[[], object]) -> OpCount:
 
 def generator_ops(G: torch.nn.Module, batch_size: int = 8, seed: int = 0) -> OpCount:
     """The ops of one steady-state training-mode forward and backward of a generator (a module taking
-    (batch, z_dim) noise, `G.z_dim`), channels-last as the trainer runs it. One step runs before the
-    counted one: the first fits MN's first mixtures (k-means++), which later steps do not."""
+    (batch, z_dim) noise, `G.z_dim`), channels-last as the trainer runs it (G is switched to train mode and
+    channels-last in place). One step runs before the counted one: the first fits MN's first mixtures
+    (k-means++), which later steps do not."""
     device = next(G.parameters()).device
     z = torch.randn(batch_size, G.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     G.to(memory_format=torch.channels_last).train()
