@@ -93,7 +93,9 @@ def _run_case(m: torch.nn.Module, case: dict, rows: slice) -> dict:
 class _PixelEvaluator:
     """Stands in for the Inception evaluator: features are pixels; the score is sensitive to their order."""
 
-    def inception_outputs(self, images: torch.Tensor):
+    def inception_outputs(self, images: torch.Tensor, on_device: bool = False):
+        # The Trainer keeps one process's features on its device and gathers host copies under torchrun.
+        assert on_device == (not torch.distributed.is_initialized())
         return images.flatten(1).float()[:, :64], None
 
     def score(self, images: torch.Tensor) -> dict:

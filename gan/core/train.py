@@ -199,10 +199,14 @@ class Trainer:
                 images = generate(G, e.num_samples, z_dim, e.seed, self.device, e.batch_size, e.g_mode,
                                   start=start, stop=stop)
         ev = self.evaluator
-        part = ev.inception_outputs(to_uint8(images)) if len(images) else None
+        # One process keeps the features on the evaluation device, where FID and KID are computed; under
+        # torchrun each rank's share goes to the host once, to be gathered on rank 0.
+        part = ev.inception_outputs(to_uint8(images), on_device=self.world == 1) if len(images) else None
         parts = [p for p in distributed.gather_to_main(part) or [] if p is not None]
 
         def score() -> dict:
+            if len(parts) == 1:  # no concatenation: it would copy the features once more
+                return ev.score_features(*parts[0])
             feats = torch.cat([p[0] for p in parts])
             logits = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
             return ev.score_features(feats, logits)
