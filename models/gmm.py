@@ -117,13 +117,20 @@ def natural(gmm: GMM, with_log_norm: bool = False):
     const_out, lin_out, quad_out = (None, None, None) if W is None else (W[:, 0], W[:, 1 : C + 1], W[:, C + 1 :])
     inv = torch.reciprocal(gmm.sigma2, out=quad_out)
     lin = torch.mul(gmm.mu, inv, out=lin_out)
-    log_lam, log_s2 = gmm.lam.clamp_min(LAMBDA_LOG_FLOOR).log_(), gmm.sigma2.log()
-    if with_log_norm:
-        log_norm = torch.add(log_lam, log_s2.sum(1), alpha=-0.5)
-        const = torch.add(log_norm, (lin * gmm.mu).sum(1), alpha=-0.5, out=const_out)
+    log_lam = gmm.lam.clamp_min(LAMBDA_LOG_FLOOR).log_()
+    if with_log_norm:  # sum_c log sigma2_kc and sum_c mu_kc^2 / sigma2_kc in one reduction
+        parts = None if W is None else gmm.mu.new_empty(K, 2, C)
+        if parts is None:
+            parts = torch.stack([gmm.sigma2.log(), lin * gmm.mu], 1)
+        else:
+            torch.log(gmm.sigma2, out=parts[:, 0])
+            torch.mul(lin, gmm.mu, out=parts[:, 1])
+        sums = parts.sum(2)
+        log_norm = torch.add(log_lam, sums[:, 0], alpha=-0.5)
+        const = torch.add(log_norm, sums[:, 1], alpha=-0.5, out=const_out)
     else:
         log_norm = None
-        const = torch.add(log_lam, torch.addcmul(log_s2, lin, gmm.mu).sum(1), alpha=-0.5, out=const_out)
+        const = torch.add(log_lam, torch.addcmul(gmm.sigma2.log(), lin, gmm.mu).sum(1), alpha=-0.5, out=const_out)
     if W is None:
         W = torch.cat([const[:, None], lin, inv * -0.5], 1)
     else:
@@ -166,11 +173,12 @@ def m_step(S: Tensor, prev: GMM, var_floor: float, eps: float) -> GMM:
     # Relative floor keeps EM scale-invariant like BN; the eps term keeps it > 0 on
     # constant channels.
     floor = torch.addcmul(all_m[C:], all_m[:C], all_m[:C], value=-1.0).clamp_min_(0.0).add_(eps).mul_(var_floor)
-    mom = S[:, 1:] / n.clamp_min(1.0)[:, None]  # [mu | E_k xc^2]
+    mom = S[:, 1:] / n[:, None]  # [mu | E_k xc^2]
     mu = mom[:, :C]
     sigma2 = mom[:, C:].addcmul_(mu, mu, value=-1.0)
     # With less than one sample's worth of mass the estimates are noise: keep the previous
-    # ones; such a component is dead and gets reseeded if it stays so.
+    # ones; such a component is dead and gets reseeded if it stays so. (The noise can be 0/0
+    # here; where never passes it on.)
     has_mass = (n >= 1.0)[:, None]
     mu = torch.where(has_mass, mu, prev.mu)
     sigma2 = torch.maximum(torch.where(has_mass, sigma2, prev.sigma2), floor)
@@ -290,7 +298,7 @@ def reseed(gmm: GMM, dead_count: Tensor, dist, Ds: Tensor, lambda_min: float, de
     """
     K = gmm.lam.shape[0]
     low = gmm.lam < lambda_min
-    dead = dead_count.add_(1).mul_(low)  # the buffer, in place
+    dead = torch.addcmul(low, dead_count, low, out=dead_count)  # (count + 1) * low, in the buffer
     again = dead >= dead_steps
     # logj = log_norm - (squared Mahalanobis distance) / 2: d2 is half the distance to the nearest live component.
     logj, log_norm = dist

@@ -105,7 +105,7 @@ def m_step(S: Tensor, prev: GMM, var_floor: float, eps: float) -> GMM:
     lam = n / total
     all_m = s12.sum(0) / total
     floor = torch.addcmul(all_m[1], all_m[0], all_m[0], value=-1.0).clamp_min_(0.0).add_(eps).mul_(var_floor)
-    mom = s12 / n.clamp_min(1.0)[:, None]  # [mu | E_kc xc^2]
+    mom = s12 / n[:, None]  # [mu | E_kc xc^2]; 0/0 where n < 1, which the where below drops
     mu = mom[:, 0]
     sigma2 = mom[:, 1].addcmul_(mu, mu, value=-1.0)
     has_mass = n >= 1.0
@@ -175,7 +175,7 @@ def reseed(gmm: GMM, dead_count: Tensor, dist, Ds: Tensor, lambda_min: float, de
     """
     K, C = gmm.lam.shape
     low = gmm.lam < lambda_min
-    dead = dead_count.add_(1).mul_(low)  # the buffer, in place
+    dead = torch.addcmul(low, dead_count, low, out=dead_count)  # (count + 1) * low, in the buffer
     again = dead >= dead_steps
     logj, norm = dist  # logj = norm - (x - mu)^2 / (2 sigma2): half the distance to the nearest live one
     d2 = (bcast(norm.masked_fill(low, float("inf"))) - logj).amin(0)  # (B, C, L)

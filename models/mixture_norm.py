@@ -338,18 +338,22 @@ class MixtureNorm(SyncedStatistics, nn.Module):
             # The running GMM averages the fits, before any reseeding.
             fit = [fitted.lam, mu if fitted is gmm else fitted.mu + shift, fitted.sigma2]
             gmm_bufs = [self.running_lambda, self.running_mu, self.running_sigma2]
+            # BN's update with its unbiased correction n/(n-1), n_k = sum_i tau_ik; a
+            # component with too little mass for the correction (n_k <= 2) keeps its values:
+            # its targets are the running values themselves, which lerp returns exactly (the
+            # non-finite corrections of n_k <= 1 are never selected). One lerp then moves every
+            # running buffer. (Per-channel posteriors: n_kc, per component and channel.)
+            nk = n_true if n_true.dim() == 2 else n_true[:, None]
+            enough = nk > 2.0
+            v_unbiased = torch.addcdiv(V, V, nk - 1.0)  # V n / (n - 1)
+            stat_bufs = [self.running_E, self.running_V]
+            stats = [torch.where(enough, E, self.running_E), torch.where(enough, v_unbiased, self.running_V)]
             if ready:
-                torch._foreach_lerp_(gmm_bufs, fit, f)
+                torch._foreach_lerp_(gmm_bufs + stat_bufs, fit + stats, f)
             else:
                 # Before the first fit the running GMM means nothing: start from the fit.
                 torch._foreach_copy_(gmm_bufs, fit)
-            # BN's update with its unbiased correction n/(n-1), n_k = sum_i tau_ik; a
-            # component with too little mass for the correction (n_k <= 2) keeps its values.
-            # (Per-channel posteriors: n_kc, per component and channel.)
-            nk = n_true if n_true.dim() == 2 else n_true[:, None]
-            w = torch.gt(nk.expand_as(E), 2.0, out=torch.empty_like(E)).mul_(f)  # one weight per value of E
-            v_unbiased = torch.addcdiv(V, V, (nk - 1.0).clamp_min_(1.0))  # V n / (n - 1)
-            torch._foreach_lerp_([self.running_E, self.running_V], [E, v_unbiased], [w, w])
+                torch._foreach_lerp_(stat_bufs, stats, f)
         torch._foreach_copy_([self.gmm_lambda, self.gmm_mu, self.gmm_sigma2], [gmm.lam, mu, gmm.sigma2])
         if not ready:
             self.initialized.fill_(True)

@@ -76,3 +76,26 @@ def generator_ops(G: torch.nn.Module, batch_size: int = 8, seed: int = 0) -> OpC
     G.to(memory_format=torch.channels_last).train()
     grad = torch.ones_like(G(z).detach())
     return count_ops(lambda: G(z).backward(grad))
+
+
+def compiled_generator_kernels(G: torch.nn.Module, batch_size: int = 8, seed: int = 0) -> int:
+    """The kernels Inductor generates for one compiled training-mode forward and backward of a generator
+    (as generator_ops: channels-last, one eager step first, so that MN's mixtures exist and its
+    initialization is not compiled). Each is one launch per step on a GPU; the GEMMs and convolutions that
+    Inductor hands to library calls come in addition (about as many for BN as for MN). Counts the kernels of
+    Inductor's code for G's device: its CPU code fuses somewhat differently from its GPU code. Resets
+    torch._dynamo (compiled code elsewhere in the process is recompiled when next called) and takes tens of
+    seconds on a few cores."""
+    import torch._inductor.metrics as metrics
+
+    device = next(G.parameters()).device
+    z = torch.randn(batch_size, G.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
+    G.to(memory_format=torch.channels_last).train()
+    G(z)
+    torch._dynamo.reset()
+    metrics.reset()
+    y = torch.compile(G)(z)
+    y.backward(torch.ones_like(y))
+    count = metrics.generated_kernel_count
+    torch._dynamo.reset()
+    return count
