@@ -205,14 +205,18 @@ def diagnose(checkpoint, out_dir, num_samples, channels, device):
               help="Generated (and as many real) images for the eval benchmark.")
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True),
               help="Inception weights file for the eval benchmark [default: metrics.inception_weights' default].")
+@click.option("--compile", "compile_mode", is_flag=False, flag_value="default", default=None,
+              type=click.Choice(["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
+              help="train, norm: time the step compiled in this torch.compile mode against eager "
+                   "[bare --compile: default]; compilation is not timed.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the numbers here.")
 @user_errors
-def bench(which, device, steps, repeats, ngf, eval_images, weights, json_file):
+def bench(which, device, steps, repeats, ngf, eval_images, weights, compile_mode, json_file):
     """Speed as ratios measured side by side in this process (median of repeats, after warm-up).
 
     train: our step vs the classic DCGAN example's loop; norm: MN vs BN step time and memory;
     eval: our Inception feature extraction vs torch-fidelity's default path, and their FIDs.
-    The last line is the headline ratio.
+    With --compile: train and norm compiled vs eager (all = both). The last line is the headline ratio.
     """
     import dataclasses
     from gan.tools.bench import BenchOptions, busy_warning, format_table, headline, run_benches
@@ -220,9 +224,12 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, json_file):
     dev = resolve_device(device)
     if min(steps, repeats, ngf, eval_images) < 1:
         raise click.BadParameter("--steps, --repeats, --ngf and --eval-images must be positive")
+    if compile_mode and which == "eval":
+        raise click.BadParameter("--compile times the training step: bench train, norm or all")
     if warning := busy_warning(dev):
         click.echo(warning, err=True)
-    rows = run_benches(which, dev, BenchOptions(steps, repeats, ngf, eval_images, weights))
+    rows = run_benches(which, dev, BenchOptions(steps, repeats, ngf, eval_images, weights,
+                                                 compile=compile_mode))
     click.echo(format_table(rows, dev))
     if json_file:
         Path(json_file).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")

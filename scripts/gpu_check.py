@@ -11,7 +11,8 @@ the next one still runs):
                    (generation, Inception, statistics; the reference statistics are computed first, once,
                    and timed apart)
   bench            `cli.py bench train|norm|eval` (ours vs the classic loop, MN/BN, eval vs torch-fidelity)
-  bench_compiled   `cli.py bench train|norm --compile`, where bench has that option
+  bench_compiled   `cli.py bench train|norm --compile MODE` for torch's default mode and reduce-overhead
+                   (CUDA graphs): each compiled step against eager, compilation not timed
   cuda_tests       `pytest -m cuda tests` (MN = BN at K=1, GPU-default runs, no host sync in a step,
                    resume, FID/KID on CUDA = CPU, NCCL)
   concurrent       the GPU study's nine runs at once (3 BN, 3 MN, 3 MN in layer 0 only,
@@ -50,6 +51,7 @@ SIZES = {
 }
 BENCHES = ("train", "norm", "eval")
 COMPILED_BENCHES = ("train", "norm")  # eval's networks are not compiled
+COMPILE_MODES = ("default", "reduce-overhead")  # kernel fusion; and CUDA graphs on top
 
 
 class Check:
@@ -216,13 +218,13 @@ def study_variants() -> dict:
 
 
 def bench(check: Check, env: dict, outdir: Path, device: str, weights: str | None, extra: list[str],
-          which: tuple[str, ...] = BENCHES, compiled: bool = False) -> dict:
-    """`cli.py bench NAME` for each of `which` (with --compile when `compiled`): its rows and headline."""
+          which: tuple[str, ...] = BENCHES, compile_mode: str | None = None) -> dict:
+    """`cli.py bench NAME` for each of `which` (with --compile `compile_mode` when given): rows and headline."""
     rows, headlines = [], []
     for name in which:
-        out_json = outdir / f"bench-{name}{'-compiled' if compiled else ''}.json"
+        out_json = outdir / f"bench-{name}{f'-compiled-{compile_mode}' if compile_mode else ''}.json"
         argv = [sys.executable, str(ROOT / "cli.py"), "bench", name, "--device", device, "--json", str(out_json)]
-        argv += (["--compile"] if compiled else []) + extra
+        argv += (["--compile", compile_mode] if compile_mode else []) + extra
         if weights and name == "eval":
             argv += ["--weights", weights]
         code, out = check.run(argv, env=env)
@@ -233,17 +235,11 @@ def bench(check: Check, env: dict, outdir: Path, device: str, weights: str | Non
     return {"rows": rows, "headline": "; ".join(h.removeprefix("headline: ") for h in headlines if h)}
 
 
-def bench_has_compile() -> bool:
-    """Whether `cli.py bench` takes --compile (a compiled training step)."""
-    import dataclasses
-    from gan.tools.bench import BenchOptions
-    return any(f.name == "compile" for f in dataclasses.fields(BenchOptions))
-
-
 def bench_compiled(check: Check, env: dict, outdir: Path, device: str, extra: list[str]) -> dict:
-    if not bench_has_compile():
-        return {"skipped": "cli.py bench has no --compile option"}
-    return bench(check, env, outdir, device, None, extra, COMPILED_BENCHES, compiled=True)
+    """bench train|norm compiled in each of COMPILE_MODES (on a CPU reduce-overhead has no CUDA graphs: the
+    dry run checks the plumbing)."""
+    parts = [bench(check, env, outdir, device, None, extra, COMPILED_BENCHES, mode) for mode in COMPILE_MODES]
+    return {"rows": [r for p in parts for r in p["rows"]], "headline": "; ".join(p["headline"] for p in parts)}
 
 
 def _sync(dev) -> None:

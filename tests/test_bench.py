@@ -68,3 +68,48 @@ def test_busy_cores_sees_a_process_that_spins():
     finally:
         spinner.kill()
         spinner.wait()
+
+
+@pytest.mark.slow
+def test_bench_train_compile_times_the_compiled_step_against_eager_after_compiling(tmp_path, monkeypatch):
+    """`bench train --compile` (bare: torch's default mode) at width 8: one row, compiled vs eager, in the
+    table, the headline and the JSON; every compilation happens in the warm-up, none in the timed steps
+    (dynamo compiles no frame there)."""
+    import json
+    import torch._dynamo
+    from click.testing import CliRunner
+    from torch._dynamo.utils import counters
+    from cli import cli
+    from gan.tools import bench
+    timed = bench._alternate_all
+    compiled_while_timed = []
+
+    def alternate_all(fns, repeats, device):
+        before = counters["frames"]["total"]
+        out = timed(fns, repeats, device)
+        compiled_while_timed.append(counters["frames"]["total"] - before)
+        return out
+    monkeypatch.setattr(bench, "_alternate_all", alternate_all)
+    torch._dynamo.reset()
+    try:
+        out = tmp_path / "bench.json"
+        result = CliRunner().invoke(cli, ["bench", "train", "--compile", "--device", "cpu", "--steps", "2",
+                                          "--repeats", "1", "--ngf", "8", "--json", str(out)])
+        compiled_in_all = counters["frames"]["total"]
+    finally:
+        torch._dynamo.reset()
+    assert result.exit_code == 0, result.output
+    [row] = json.loads(out.read_text())
+    assert row["ratio_name"] == "compiled (default) speed-up vs eager"
+    assert row["ratio"] == pytest.approx(row["baseline"] / row["ours"]) and row["ours"] > 0
+    assert row["extra"]["warm_up_seconds (compilation included)"] > 0
+    assert "compiled (default) vs eager" in result.output
+    assert result.output.splitlines()[-1] == f"headline: compiled (default) speed-up vs eager {row['ratio']:.2f}x"
+    assert compiled_in_all > 0 and compiled_while_timed == [0]
+
+
+def test_bench_compile_refuses_eval_whose_networks_are_not_compiled():
+    from click.testing import CliRunner
+    from cli import cli
+    result = CliRunner().invoke(cli, ["bench", "eval", "--compile", "reduce-overhead"])
+    assert result.exit_code == 2 and "--compile times the training step" in result.output

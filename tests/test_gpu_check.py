@@ -38,7 +38,9 @@ def test_gpu_check_cpu_dry_run_runs_every_stage(tmp_path):
     assert {row["bench"] for row in stages["bench"]["rows"]} == {"train", "norm", "eval"}
     assert any(row["ratio_name"] == "Fréchet distance speed-up vs torch-fidelity" for row in stages["bench"]["rows"])
     compiled = stages["bench_compiled"]
-    assert compiled.get("skipped") or {row["bench"] for row in compiled["rows"]} == {"train", "norm"}
+    assert {row["bench"] for row in compiled["rows"]} == {"train", "norm"}
+    assert {row["ratio_name"] for row in compiled["rows"] if row["bench"] == "train"} == {
+        "compiled (default) speed-up vs eager", "compiled (reduce-overhead) speed-up vs eager"}
     # The GPU study's variants (configs/study-gpu-runs.yaml), one seed each here, trained at once.
     concurrent = stages["concurrent"]
     assert concurrent["jobs"] == 3

@@ -5,6 +5,8 @@
 - norm:  our step with MN (K=3, one EM step) vs our step with BN; step time and memory, for each MN variant
   (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), all timed side by side;
   beside each time, the aten ops one step dispatches (eager), a figure that does not depend on the machine.
+- train|norm --compile MODE: the same steps compiled by torch.compile in MODE ("default": kernel fusion;
+  "reduce-overhead": CUDA graphs too) vs eager: BN compiled vs eager; MN vs BN both compiled, MN compiled vs eager.
 - eval:  our Inception feature extraction vs a default `torch_fidelity.calculate_metrics` call on the
   same images, and the FID each gives; then FID from those images' 2048-d statistics, ours vs
   torch-fidelity's `fid_statistics_to_metric`.
@@ -147,6 +149,62 @@ def bench_train(device: torch.device, steps: int, repeats: int, ngf: int = 64, b
         t_ours, t_ref = _alternate(lambda: run_steps(ours, steps), ref_steps, repeats, device)
     return [Row("train", f"DCGAN step, BN, batch {batch_size}, ngf={ngf}", t_ours / steps * 1e3,
                 t_ref / steps * 1e3, "ms/step", "speed-up vs reference loop", t_ref / t_ours)]
+
+
+# torch.compile modes `bench train|norm --compile` takes (train.compile_mode's, less auto).
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def _warm_up(trainer, steps: int = 4) -> float:
+    """Seconds of a compiled trainer's first `steps` steps, left out of its timing: the first runs eagerly by
+    design (gan/core/step.py says why), the second compiles, and under CUDA graphs the next ones record."""
+    t0 = time.perf_counter()
+    run_steps(trainer, steps)
+    _sync(trainer.device)
+    return time.perf_counter() - t0
+
+
+def _compiled(overrides: dict, mode: str) -> dict:
+    return {**overrides, "train.compile": True, "train.compile_mode": mode}
+
+
+def bench_train_compiled(device: torch.device, steps: int, repeats: int, ngf: int = 64, batch_size: int = 64,
+                         mode: str = "default") -> list[Row]:
+    """Our BN step compiled in `mode` vs the same step eager, timed in alternation after the compiled
+    trainer's warm-up (compilation is not timed; its seconds are reported beside the row)."""
+    data = synthetic_data()
+    sizes = {"model.ngf": ngf, "model.ndf": ngf, "train.batch_size": batch_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        eager = make_trainer(device.type, "bn", data, Path(tmp) / "eager", **sizes)
+        compiled = make_trainer(device.type, "bn", data, Path(tmp) / "compiled", **_compiled(sizes, mode))
+        warm = _warm_up(compiled)
+        t_c, t_e = _alternate(lambda: run_steps(compiled, steps), lambda: run_steps(eager, steps), repeats, device)
+    return [Row("train", f"DCGAN step, BN, batch {batch_size}, ngf={ngf}: compiled ({mode}) vs eager",
+                t_c / steps * 1e3, t_e / steps * 1e3, "ms/step", f"compiled ({mode}) speed-up vs eager", t_e / t_c,
+                {"warm_up_seconds (compilation included)": warm})]
+
+
+def bench_norm_compiled(device: torch.device, steps: int, repeats: int, ngf: int = 64, batch_size: int = 64,
+                        mode: str = "default") -> list[Row]:
+    """MN (the defaults: K=3, one EM step) vs BN, both compiled in `mode`, and MN compiled vs MN eager: four
+    trainers timed round robin. Only the default MN variant: each compiled trainer costs a compilation."""
+    data = synthetic_data()
+    common = {"model.ngf": ngf, "model.ndf": ngf, "train.batch_size": batch_size,
+              "model.mn.num_components": 3, "model.mn.em_steps": 1}
+    with tempfile.TemporaryDirectory() as tmp:
+        mn_c, bn_c = (make_trainer(device.type, norm, data, Path(tmp) / f"{norm}-compiled", **_compiled(common, mode))
+                      for norm in ("mn", "bn"))
+        mn_e = make_trainer(device.type, "mn", data, Path(tmp) / "mn-eager", **common)
+        warm = {norm: _warm_up(tr) for norm, tr in (("MN", mn_c), ("BN", bn_c))}
+        t_mn_c, t_bn_c, t_mn_e = _alternate_all([lambda tr=tr: run_steps(tr, steps) for tr in (mn_c, bn_c, mn_e)],
+                                                repeats, device)
+    warm_up = {f"{norm} warm_up_seconds (compilation included)": s for norm, s in warm.items()}
+    return [Row("norm", f"DCGAN step, MN (K=3, 1 EM step) vs BN, batch {batch_size}, both compiled ({mode})",
+                t_mn_c / steps * 1e3, t_bn_c / steps * 1e3, "ms/step", mn_ratio_name(f"step time, compiled ({mode})"),
+                t_mn_c / t_bn_c, warm_up),
+            Row("norm", f"DCGAN step, MN (K=3, 1 EM step), batch {batch_size}: compiled ({mode}) vs eager",
+                t_mn_c / steps * 1e3, t_mn_e / steps * 1e3, "ms/step", f"MN compiled ({mode}) speed-up vs eager",
+                t_mn_e / t_mn_c)]
 
 
 def _activation_bytes(trainer) -> int:
@@ -341,6 +399,7 @@ class BenchOptions:
     ngf: int = 64            # generator and discriminator width
     eval_images: int = 250   # generated (and as many real) images for eval
     weights: str | None = None  # Inception weights for eval
+    compile: str | None = None  # train, norm: a torch.compile mode (COMPILE_MODES), compiled step vs eager
 
 
 # name -> benchmark, in the order `bench all` runs them.
@@ -379,10 +438,19 @@ def busy_warning(device: torch.device) -> str | None:
             f"bench on an idle machine")
 
 
+# name -> benchmark under `--compile MODE`: the compiled step against the eager one. Eval's networks are
+# not compiled, so eval has none.
+COMPILED_BENCHES: dict[str, Callable[[torch.device, BenchOptions], list[Row]]] = {
+    "train": lambda device, o: bench_train_compiled(device, o.steps, o.repeats, o.ngf, mode=o.compile),
+    "norm": lambda device, o: bench_norm_compiled(device, o.steps, o.repeats, o.ngf, mode=o.compile),
+}
+
+
 def run_benches(which: str, device: torch.device, options: BenchOptions) -> list[Row]:
-    """The rows of one benchmark, or of every one for "all"."""
-    names = list(BENCHES) if which == "all" else [which]
-    return [row for name in names for row in BENCHES[name](device, options)]
+    """The rows of one benchmark, or of every one for "all" (with options.compile: train and norm compiled)."""
+    benches = COMPILED_BENCHES if options.compile else BENCHES
+    names = list(benches) if which == "all" else [which]
+    return [row for name in names for row in benches[name](device, options)]
 
 
 def headline(rows: list[Row]) -> str:
