@@ -205,13 +205,15 @@ def diagnose(checkpoint, out_dir, num_samples, channels, device):
               help="Generated (and as many real) images for the eval benchmark.")
 @click.option("--weights", type=click.Path(dir_okay=False, exists=True),
               help="Inception weights file for the eval benchmark [default: metrics.inception_weights' default].")
+@click.option("--kernels", is_flag=True,
+              help="norm: also count the kernels Inductor generates for a compiled generator step (slow).")
 @click.option("--compile", "compile_mode", is_flag=False, flag_value="default", default=None,
               type=click.Choice(["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
               help="train, norm: time the step compiled in this torch.compile mode against eager "
                    "[bare --compile: default]; compilation is not timed.")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the numbers here.")
 @user_errors
-def bench(which, device, steps, repeats, ngf, eval_images, weights, compile_mode, json_file):
+def bench(which, device, steps, repeats, ngf, eval_images, weights, kernels, compile_mode, json_file):
     """Speed as ratios measured side by side in this process (median of repeats, after warm-up).
 
     train: our step vs the classic DCGAN example's loop; norm: MN vs BN step time and memory;
@@ -228,7 +230,7 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, compile_mode
         raise click.BadParameter("--compile times the training step: bench train, norm or all")
     if warning := busy_warning(dev):
         click.echo(warning, err=True)
-    rows = run_benches(which, dev, BenchOptions(steps, repeats, ngf, eval_images, weights,
+    rows = run_benches(which, dev, BenchOptions(steps, repeats, ngf, eval_images, weights, kernels,
                                                  compile=compile_mode))
     click.echo(format_table(rows, dev))
     if json_file:

@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from gan.core.config import load_config
 from gan.core.data import ImageData
-from gan.tools.op_count import count_ops
+from gan.tools.op_count import compiled_generator_kernels, count_ops
 
 
 @dataclass
@@ -246,7 +246,10 @@ def mn_ratio_name(what: str, variant: str = DEFAULT_VARIANT) -> str:
     return f"MN/BN {what}" + ("" if variant == DEFAULT_VARIANT else f", {variant}")
 
 
-def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, batch_size: int = 64) -> list[Row]:
+def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, batch_size: int = 64,
+               kernels: bool = False) -> list[Row]:
+    """MN's variants against BN: step time, memory, aten ops per step; with `kernels`, also the kernels Inductor
+    generates for one compiled generator step at width 8, BN and the default MN (tens of seconds to compile)."""
     data = synthetic_data()
     common = {"model.ngf": ngf, "model.ndf": ngf, "train.batch_size": batch_size,
               "model.mn.num_components": 3, "model.mn.em_steps": 1}
@@ -266,19 +269,32 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
             what, peaks = "tensors saved for backward per step", [_activation_bytes(tr) / 2**20 for tr in trainers]
         # On a GPU each aten op is about one kernel launch, and at these sizes launches bound the step: the
         # count tells on any machine what a GPU step will cost. (It includes the optimizer, which a CPU runs
-        # tensor by tensor and a GPU fused: the difference MN - BN is the figure to watch. Kernels per compiled
-        # step are not counted: Inductor's CPU code fuses differently from its GPU code.)
+        # tensor by tensor and a GPU fused: the difference MN - BN is the figure to watch.)
         counts = [count_ops(lambda tr=tr: run_steps(tr, 1)) for tr in trainers]
+        compiled = _compiled_kernels(device) if kernels else {}
         rows = []
         for i, name in enumerate(mns):
             label = "(K=3, 1 EM step) " if name == DEFAULT_VARIANT else f"{name} "
-            ops = {"aten ops per step": counts[i].ops, "BN aten ops per step": counts[-1].ops}
+            ops = {"aten ops per step": counts[i].ops, "BN aten ops per step": counts[-1].ops,
+                   **(compiled if name == DEFAULT_VARIANT else {})}
             rows.append(Row("norm", f"DCGAN step, MN {label}vs BN, batch {batch_size}",
                             t_mn[i] / steps * 1e3, t_bn / steps * 1e3, "ms/step", mn_ratio_name("step time", name),
                             t_mn[i] / t_bn, ops))
             rows.append(Row("norm", what + ("" if name == DEFAULT_VARIANT else f", MN {name}"), peaks[i], peaks[-1],
                             "MiB", mn_ratio_name("memory", name), peaks[i] / peaks[-1]))
     return rows
+
+
+def _compiled_kernels(device: torch.device) -> dict[str, int]:
+    """Kernels Inductor generates for one compiled generator forward+backward (ngf 8, batch 8), MN (defaults)
+    and BN: on a GPU each is one launch, so this is what a compiled step's launch count follows."""
+    from models.dcgan import Generator
+    counts = {}
+    for norm in ("mn", "bn"):
+        torch.manual_seed(0)
+        G = Generator(z_dim=16, ngf=8, norm=norm, mn_options={"num_components": 3, "em_steps": 1}).to(device)
+        counts[norm] = compiled_generator_kernels(G)
+    return {"compiled G kernels (ngf 8)": counts["mn"], "BN compiled G kernels (ngf 8)": counts["bn"]}
 
 
 def bench_eval(device: torch.device, num_images: int, repeats: int, weights_path: str | None = None) -> list[Row]:
@@ -399,13 +415,14 @@ class BenchOptions:
     ngf: int = 64            # generator and discriminator width
     eval_images: int = 250   # generated (and as many real) images for eval
     weights: str | None = None  # Inception weights for eval
+    kernels: bool = False    # norm: also count the kernels of a compiled generator step (slow to compile)
     compile: str | None = None  # train, norm: a torch.compile mode (COMPILE_MODES), compiled step vs eager
 
 
 # name -> benchmark, in the order `bench all` runs them.
 BENCHES: dict[str, Callable[[torch.device, BenchOptions], list[Row]]] = {
     "train": lambda device, o: bench_train(device, o.steps, o.repeats, o.ngf),
-    "norm": lambda device, o: bench_norm(device, o.steps, o.repeats, o.ngf),
+    "norm": lambda device, o: bench_norm(device, o.steps, o.repeats, o.ngf, kernels=o.kernels),
     "eval": lambda device, o: bench_eval(device, o.eval_images, repeats=max(1, o.repeats // 2), weights_path=o.weights),
 }
 
