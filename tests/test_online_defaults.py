@@ -46,7 +46,7 @@ def test_a_hanging_network_falls_back_to_the_conversion_within_seconds(tmp_path,
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))  # torch-fidelity's file is not cached
     converted = resolve_inception_weights(None, cache, allow_download=False)  # the fallback, made beforehand
     monkeypatch.setattr(inception, "URL_INCEPTION_V3", f"http://127.0.0.1:{port}/weights-inception.pth")
-    monkeypatch.setattr(inception, "DOWNLOAD_TIMEOUT_SECONDS", 0.5)
+    monkeypatch.setattr(inception, "DOWNLOAD_TIMEOUT", 0.5)
     monkeypatch.setattr(inception, "_download_failed", False)
     capsys.readouterr()
     t0 = time.monotonic()

@@ -38,7 +38,7 @@ CONVERTER_VERSION = 1  # bump when the conversion changes: part of the cached fi
 CACHE_SUBDIR = "mngan"
 HEAD_KEYS = ("fc.weight", "fc.bias")
 NUM_CONVS = 94
-DOWNLOAD_TIMEOUT_SECONDS = 10.0  # per connection attempt and per read, for the one download try
+DOWNLOAD_TIMEOUT = 10.0  # seconds, per connection attempt and per read, for the one download try
 DOWNLOAD_RETRY_S = 24 * 3600  # after a failed download, the next try waits this long
 _download_failed = False  # a failed download is not tried again in this process
 
@@ -196,7 +196,7 @@ def resolve_inception_weights(weights_path: str | None, cache_dir: str | None,
         # torch.hub sets no timeout of its own: without one, a machine that drops packets would hang here.
         # The default socket timeout bounds the connection and every read.
         old_timeout = socket.getdefaulttimeout()
-        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT_SECONDS)
+        socket.setdefaulttimeout(DOWNLOAD_TIMEOUT)
         try:
             torch.hub.load_state_dict_from_url(URL_INCEPTION_V3, progress=verbose, check_hash=True,
                                                weights_only=True, map_location="cpu")
