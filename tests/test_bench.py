@@ -80,16 +80,16 @@ def test_bench_train_compile_times_the_compiled_step_against_eager_after_compili
     from click.testing import CliRunner
     from torch._dynamo.utils import counters
     from cli import cli
-    from gan.tools import bench
-    timed = bench._alternate_all
+    from gan.tools import bench_common
+    timed = bench_common.timed_rounds
     compiled_while_timed = []
 
-    def alternate_all(fns, repeats, device):
+    def timed_rounds(fns, repeats, device):
         before = counters["frames"]["total"]
         out = timed(fns, repeats, device)
         compiled_while_timed.append(counters["frames"]["total"] - before)
         return out
-    monkeypatch.setattr(bench, "_alternate_all", alternate_all)
+    monkeypatch.setattr(bench_common, "timed_rounds", timed_rounds)
     torch._dynamo.reset()
     try:
         out = tmp_path / "bench.json"

@@ -218,7 +218,7 @@ def test_fid_kid_on_cuda_equal_cpu():
 def test_bench_times_our_distance_against_torch_fidelitys_on_the_same_statistics():
     """`bench eval`'s Fréchet-distance row: both sides scored the same statistics (their FIDs agree), and
     the row is a time ratio."""
-    from gan.tools.bench import bench_frechet_distance
+    from gan.tools.bench_eval import bench_frechet_distance
     a, b = realistic_features(300, 64, seed=16).float(), realistic_features(400, 64, seed=17, shift=0.1).float()
     row = bench_frechet_distance(torch.device("cpu"), a, b, repeats=1)
     assert row.what == "Fréchet distance from 64-d statistics: ours vs torch-fidelity's"

@@ -15,10 +15,9 @@ Timings alternate between the two sides and report the median, so drift hits bot
 from __future__ import annotations
 
 import os
-import statistics
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -27,51 +26,9 @@ import torch.nn as nn
 
 from gan.core.config import load_config
 from gan.core.data import ImageData
+from gan.tools.bench_common import Row, alternate, alternate_all, sync, synthetic_data
+from gan.tools.bench_eval import bench_eval
 from gan.tools.op_count import compiled_generator_kernels, count_ops
-
-
-@dataclass
-class Row:
-    bench: str
-    what: str
-    ours: float
-    baseline: float
-    unit: str
-    ratio_name: str
-    ratio: float
-    extra: dict = field(default_factory=dict)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def _alternate_all(fns: list[Callable[[], None]], repeats: int, device: torch.device) -> list[float]:
-    """Median seconds of each of `fns`, timed in turn (round robin) after one warm-up call each."""
-    times: list[list[float]] = [[] for _ in fns]
-    for fn in fns:
-        fn()
-    for _ in range(repeats):
-        for fn, out in zip(fns, times):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            out.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
-
-
-def _alternate(a: Callable[[], None], b: Callable[[], None], repeats: int, device: torch.device
-               ) -> tuple[float, float]:
-    """Median seconds of `a` and of `b`, timed in alternation after one warm-up call each."""
-    ta, tb = _alternate_all([a, b], repeats, device)
-    return ta, tb
-
-
-def synthetic_data(n: int = 4096, seed: int = 0) -> ImageData:
-    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-    return ImageData(images, torch.zeros(n, dtype=torch.int64), ["synthetic"], f"synthetic-{n}-{seed}")
 
 
 def make_trainer(device: str, norm: str, data: ImageData, run_dir: Path, **overrides):
@@ -146,7 +103,7 @@ def bench_train(device: torch.device, steps: int, repeats: int, ngf: int = 64, b
         def ref_steps():
             for _ in range(steps):
                 ref.step()
-        t_ours, t_ref = _alternate(lambda: run_steps(ours, steps), ref_steps, repeats, device)
+        t_ours, t_ref = alternate(lambda: run_steps(ours, steps), ref_steps, repeats, device)
     return [Row("train", f"DCGAN step, BN, batch {batch_size}, ngf={ngf}", t_ours / steps * 1e3,
                 t_ref / steps * 1e3, "ms/step", "speed-up vs reference loop", t_ref / t_ours)]
 
@@ -160,7 +117,7 @@ def _warm_up(trainer, steps: int = 4) -> float:
     design (gan/core/step.py says why), the second compiles, and under CUDA graphs the next ones record."""
     t0 = time.perf_counter()
     run_steps(trainer, steps)
-    _sync(trainer.device)
+    sync(trainer.device)
     return time.perf_counter() - t0
 
 
@@ -178,7 +135,7 @@ def bench_train_compiled(device: torch.device, steps: int, repeats: int, ngf: in
         eager = make_trainer(device.type, "bn", data, Path(tmp) / "eager", **sizes)
         compiled = make_trainer(device.type, "bn", data, Path(tmp) / "compiled", **_compiled(sizes, mode))
         warm = _warm_up(compiled)
-        t_c, t_e = _alternate(lambda: run_steps(compiled, steps), lambda: run_steps(eager, steps), repeats, device)
+        t_c, t_e = alternate(lambda: run_steps(compiled, steps), lambda: run_steps(eager, steps), repeats, device)
     return [Row("train", f"DCGAN step, BN, batch {batch_size}, ngf={ngf}: compiled ({mode}) vs eager",
                 t_c / steps * 1e3, t_e / steps * 1e3, "ms/step", f"compiled ({mode}) speed-up vs eager", t_e / t_c,
                 {"warm_up_seconds (compilation included)": warm})]
@@ -196,7 +153,7 @@ def bench_norm_compiled(device: torch.device, steps: int, repeats: int, ngf: int
                       for norm in ("mn", "bn"))
         mn_e = make_trainer(device.type, "mn", data, Path(tmp) / "mn-eager", **common)
         warm = {norm: _warm_up(tr) for norm, tr in (("MN", mn_c), ("BN", bn_c))}
-        t_mn_c, t_bn_c, t_mn_e = _alternate_all([lambda tr=tr: run_steps(tr, steps) for tr in (mn_c, bn_c, mn_e)],
+        t_mn_c, t_bn_c, t_mn_e = alternate_all([lambda tr=tr: run_steps(tr, steps) for tr in (mn_c, bn_c, mn_e)],
                                                 repeats, device)
     warm_up = {f"{norm} warm_up_seconds (compilation included)": s for norm, s in warm.items()}
     return [Row("norm", f"DCGAN step, MN (K=3, 1 EM step) vs BN, batch {batch_size}, both compiled ({mode})",
@@ -258,7 +215,7 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
         mns = {name: make_trainer(device.type, "mn", data, Path(tmp) / f"mn{i}", **{**common, **o})
                for i, (name, o) in enumerate(MN_VARIANTS.items())}
         trainers = [*mns.values(), bn]
-        *t_mn, t_bn = _alternate_all([lambda tr=tr: run_steps(tr, steps) for tr in trainers], repeats, device)
+        *t_mn, t_bn = alternate_all([lambda tr=tr: run_steps(tr, steps) for tr in trainers], repeats, device)
         if device.type == "cuda":
             what, peaks = "peak GPU memory per step", []
             for tr in trainers:
@@ -295,93 +252,6 @@ def _compiled_kernels(device: torch.device) -> dict[str, int]:
         G = Generator(z_dim=16, ngf=8, norm=norm, mn_options={"num_components": 3, "em_steps": 1}).to(device)
         counts[norm] = compiled_generator_kernels(G)
     return {"compiled G kernels (ngf 8)": counts["mn"], "BN compiled G kernels (ngf 8)": counts["bn"]}
-
-
-def bench_eval(device: torch.device, num_images: int, repeats: int, weights_path: str | None = None) -> list[Row]:
-    import torch_fidelity
-    from gan.eval.inception import resolve_inception_weights, weights_for_torch_fidelity
-    from gan.eval.metrics import Evaluator
-    from gan.core.sampling import generate, to_uint8
-    from models.dcgan import Generator, dcgan_init
-
-    weights = resolve_inception_weights(weights_path, None)
-    g = Generator(100, 32)
-    dcgan_init(g)
-    fake = to_uint8(generate(g.to(device), num_images, 100, 0, device))
-    real = synthetic_data(num_images, seed=1).images
-
-    class Images(torch.utils.data.Dataset):
-        def __init__(self, x):
-            self.x = x.cpu()
-
-        def __len__(self):
-            return len(self.x)
-
-        def __getitem__(self, i):
-            return self.x[i]
-
-    with tempfile.TemporaryDirectory() as tmp:
-        their_weights = weights_for_torch_fidelity(weights, tmp)
-        ev = Evaluator(weights, device, lambda: real, f"bench-{num_images}", cache_dir=tmp, verbose=False)
-        theirs = {}
-
-        def ours_fn():
-            ev.features(fake)
-            ev.features(real)
-
-        def theirs_fn():
-            theirs.update(torch_fidelity.calculate_metrics(
-                input1=Images(fake), input2=Images(real), fid=True, cuda=device.type == "cuda",
-                feature_extractor_weights_path=their_weights, cache=False, verbose=False))
-        t_ours, t_theirs = _alternate(ours_fn, theirs_fn, repeats, device)
-        fid_ours = ev.score(fake)["fid"]
-        distance = bench_frechet_distance(device, ev.features(fake), ev.prepare_reference()["features"], repeats)
-    fid_theirs = theirs["frechet_inception_distance"]
-    n = 2 * num_images
-    return [Row("eval", f"Inception features, {num_images} generated + {num_images} real images", n / t_ours,
-                n / t_theirs, "img/s", "speed-up vs torch-fidelity", t_theirs / t_ours,
-                {"fid_ours": fid_ours, "fid_torch_fidelity": fid_theirs, "fid_abs_diff": abs(fid_ours - fid_theirs)}),
-            distance]
-
-
-def bench_frechet_distance(device: torch.device, features: torch.Tensor, reference: torch.Tensor, repeats: int) -> Row:
-    """FID from the two sets' 2048-d statistics (float64): ours (eigenvalues on `device`, the reference
-    covariance's root computed once beforehand, as the Evaluator caches it) vs torch-fidelity's
-    fid_statistics_to_metric (SciPy's sqrtm on the CPU), alternating, median of `repeats` after ours warms up."""
-    import warnings
-    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
-    from gan.eval import fid
-    (mu1, s1), (mu2, s2) = fid.statistics(features.to(device)), fid.statistics(reference.to(device))
-    _sync(device)
-    t0 = time.perf_counter()
-    root = fid.psd_sqrt(s2)
-    _sync(device)
-    t_root = time.perf_counter() - t0
-    theirs_in = [{"mu": m.cpu().numpy(), "sigma": s.cpu().numpy()} for m, s in ((mu1, s1), (mu2, s2))]
-    out = {}
-
-    def ours():
-        out["ours"] = fid.frechet_distance(mu1, s1, mu2, s2, root)
-
-    def theirs():
-        with warnings.catch_warnings():  # its sqrtm(disp=) call, deprecated in SciPy 1.17
-            warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated.*")
-            out["theirs"] = fid_statistics_to_metric(*theirs_in, verbose=False)[KEY_METRIC_FID]
-    ours()
-    times: dict[str, list[float]] = {"ours": [], "theirs": []}
-    for _ in range(repeats):
-        for name, fn in (("theirs", theirs), ("ours", ours)):
-            _sync(device)
-            t0 = time.perf_counter()
-            fn()
-            _sync(device)
-            times[name].append(time.perf_counter() - t0)
-    t_ours, t_theirs = statistics.median(times["ours"]), statistics.median(times["theirs"])
-    return Row("eval", f"Fréchet distance from {s1.shape[0]}-d statistics: ours vs torch-fidelity's",
-               t_ours * 1e3, t_theirs * 1e3, "ms", "Fréchet distance speed-up vs torch-fidelity", t_theirs / t_ours,
-               {"fid_ours": out["ours"], "fid_torch_fidelity": out["theirs"],
-                "fid_rel_diff": abs(out["ours"] - out["theirs"]) / abs(out["theirs"]),
-                "reference_root_once_ms": t_root * 1e3})
 
 
 def format_table(rows: list[Row], device: torch.device) -> str:

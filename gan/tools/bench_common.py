@@ -1,0 +1,62 @@
+"""What every benchmark shares: its result row, synthetic images, and timing that alternates between the
+sides so that drift (other processes, clocks, thermals) hits both alike."""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from gan.core.data import ImageData
+
+
+@dataclass
+class Row:
+    bench: str
+    what: str
+    ours: float
+    baseline: float
+    unit: str
+    ratio_name: str
+    ratio: float
+    extra: dict = field(default_factory=dict)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def alternate_all(fns: list[Callable[[], None]], repeats: int, device: torch.device) -> list[float]:
+    """Median seconds of each of `fns`, timed in turn (round robin) after one warm-up call each."""
+    for fn in fns:
+        fn()
+    return timed_rounds(fns, repeats, device)
+
+
+def timed_rounds(fns: list[Callable[[], None]], repeats: int, device: torch.device) -> list[float]:
+    """Median seconds of each of `fns` over `repeats` rounds in which each runs once, in turn; no warm-up
+    (for a side whose first call is as costly as the rest)."""
+    times: list[list[float]] = [[] for _ in fns]
+    for _ in range(repeats):
+        for fn, out in zip(fns, times):
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            out.append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
+
+
+def alternate(a: Callable[[], None], b: Callable[[], None], repeats: int, device: torch.device
+               ) -> tuple[float, float]:
+    """Median seconds of `a` and of `b`, timed in alternation after one warm-up call each."""
+    ta, tb = alternate_all([a, b], repeats, device)
+    return ta, tb
+
+
+def synthetic_data(n: int = 4096, seed: int = 0) -> ImageData:
+    images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
+    return ImageData(images, torch.zeros(n, dtype=torch.int64), ["synthetic"], f"synthetic-{n}-{seed}")
