@@ -152,6 +152,7 @@ def test_mn_layers_add_a_bounded_number_of_ops_whatever_the_width_and_components
     assert ops("mn", ngf=8).ops == ops("mn", k=2).ops == ops("mn", k=5).ops == mn.ops
 
 
+@pytest.mark.slow  # compiles two generators: about 20 s on 2 cores with a cold cache
 def test_compiled_mn_layers_add_few_generated_kernels():
     """Under torch.compile Inductor fuses MN's small per-component ops: one compiled forward and backward of the
     generator at width 8 (each generated kernel one launch on a GPU; library GEMMs and convolutions come beside
