@@ -141,7 +141,7 @@ def load_image_folder(path: str | Path, resize: bool = True, progress: bool = Tr
             except UnidentifiedImageError:
                 raise DataError(f"cannot decode image {name} in {path}: not a readable image file") from None
             except OSError as e:
-                raise DataError(f"cannot decode image {name} in {path}: {e}") from None
+                raise DataError(f"cannot decode image {name} in {path}: not a readable image file ({e})") from None
             images[i] = _to_32(img, name, resize)
     except (OSError, zipfile.BadZipFile) as e:
         raise DataError(f"cannot read dataset {path}: {e}") from None
