@@ -16,6 +16,8 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
+from models.fused import region
+
 # Keeps k-means++ sampling weights a valid distribution when every distance is 0
 # (constant data): the draw then falls back to uniform.
 TINY = 1e-20
@@ -47,7 +49,16 @@ class GMM(NamedTuple):
 
 def mixture_mean(gmm: GMM) -> Tensor:
     """sum_k lambda_k mu_k (C,), for a joint (lam (K,)) or a per-channel (lam (K, C)) mixture."""
-    return gmm.lam @ gmm.mu if gmm.lam.dim() == 1 else (gmm.lam * gmm.mu).sum(0)
+    if gmm.lam.dim() == 1 and not torch.compiler.is_compiling():
+        return gmm.lam @ gmm.mu
+    # Compiled: a reduction Inductor fuses with its neighbours, not a library GEMM call of its own.
+    return ((gmm.lam[:, None] if gmm.lam.dim() == 1 else gmm.lam) * gmm.mu).sum(0)
+
+
+def scale_of(lam: Tensor, lambda_min: float, prior_scaling: bool) -> Tensor:
+    """The transform's gain s_k = 1 / sqrt(max(lambda_k, lambda_min)) (the floor is the spec's guard: a dying
+    component must not blow up the output), or 1 without prior_scaling."""
+    return lam.clamp_min(lambda_min).rsqrt() if prior_scaling else torch.ones_like(lam)
 
 
 def snapshot(gmm: GMM) -> GMM:
@@ -82,7 +93,7 @@ def snapshot(gmm: GMM) -> GMM:
 # ----------------------------------------------------------------------------------------
 
 
-def _rows(D: Tensor) -> bool:
+def is_rows(D: Tensor) -> bool:
     """Whether D (B, F, L) is a sample-major (L, F) matrix of rows (B = 1)."""
     return D.shape[0] == 1 and D.stride(1) == 1
 
@@ -140,7 +151,7 @@ def natural(gmm: GMM, with_log_norm: bool = False):
 
 def log_joint(D: Tensor, W: Tensor) -> Tensor:
     """W @ d for every sample: (B, K, L), laid out for a softmax over K on contiguous memory."""
-    if _rows(D):
+    if is_rows(D):
         return torch.mm(D[0].t(), W.t()).t().unsqueeze(0)
     return torch.matmul(W, D)
 
@@ -158,7 +169,7 @@ def posteriors(logj: Tensor) -> Tensor:
 
 def moments(tau: Tensor, D: Tensor) -> Tensor:
     """S (K, 1 + 2C) = sum_i tau_ik d_i: [n_k, sum_i tau_ik xc_i, sum_i tau_ik xc_i^2]."""
-    if _rows(D):
+    if is_rows(D):
         return torch.mm(tau[0], D[0].t())
     return torch.matmul(tau, D.transpose(1, 2)).sum(0)
 
@@ -195,6 +206,39 @@ def em_step(D: Tensor, gmm: GMM, var_floor: float, eps: float, reduce: Reduce, w
     logj = log_joint(D, W)
     S = reduce(moments(posteriors(logj), D))
     return m_step(S, gmm, var_floor, eps), ((logj, log_norm) if want_dist else None)
+
+
+# The warm EM of a training step as regions (models/fused.py): per step, `centered` reads the stored mixture,
+# then each iteration is one GEMM for the E-step's log-densities, a softmax, one GEMM for the sums, and
+# `fit_step` for everything between the sums and the next E-step.
+
+
+@region
+def centered(lam: Tensor, mu: Tensor, sigma2: Tensor):
+    """The stored mixture in the coordinates its own mean centers: (shift, GMM centered on it, W, log_norm), W
+    and log_norm as natural's (None for a per-channel mixture, whose E-step needs no W)."""
+    gmm = GMM(lam, mu, sigma2)
+    shift = mixture_mean(gmm)
+    gmm = gmm.shifted(shift)
+    if lam.dim() == 2:
+        return shift, gmm, None, None
+    W, log_norm = natural(gmm, with_log_norm=True)
+    return shift, gmm, W, log_norm
+
+
+@region
+def natural_scaled(gmm: GMM, lambda_min: float, prior_scaling: bool):
+    """(W, log_norm) of natural, and the transform's gain scale_of(lam)."""
+    W, log_norm = natural(gmm, with_log_norm=True)
+    return W, log_norm, scale_of(gmm.lam, lambda_min, prior_scaling)
+
+
+@region
+def fit_step(S: Tensor, prev: GMM, var_floor: float, eps: float, lambda_min: float, prior_scaling: bool):
+    """The M-step from the sums S, then what the next E-step and the transform need of the new mixture:
+    (GMM, W, log_norm, scale)."""
+    gmm = m_step(S, prev, var_floor, eps)
+    return (gmm, *natural_scaled.fn(gmm, lambda_min, prior_scaling))
 
 
 def _kmeans_pp(xs: Tensor, k: int, var: Tensor) -> Tensor:
@@ -265,7 +309,7 @@ def fit_gmm(
 
 
 # ----------------------------------------------------------------------------------------
-# Around EM: the samples it runs on, dead components, and the labels of fresh fits
+# Around EM: the samples it runs on, and the labels of fresh fits (dead components: models/mixture_state.py)
 # ----------------------------------------------------------------------------------------
 
 
@@ -276,7 +320,7 @@ def subsample(D: Tensor, budget: int) -> Tensor:
     B, F, L = D.shape
     if B * L <= budget:
         return D
-    if _rows(D):
+    if is_rows(D):
         return D[0].t()[torch.randint(L, (budget,), device=D.device)].t().unsqueeze(0)
     if B >= budget:
         b = torch.randint(B, (budget,), device=D.device)
@@ -285,41 +329,6 @@ def subsample(D: Tensor, budget: int) -> Tensor:
     q = budget // B
     p = torch.randint(L, (B, 1, q), device=D.device).expand(B, F, q)
     return torch.gather(D, 2, p)  # (B, F, q)
-
-
-def reseed(gmm: GMM, dead_count: Tensor, dist, Ds: Tensor, lambda_min: float, dead_steps: int,
-           first_rank_only: Reduce) -> GMM:
-    """Dead components, branch-free (no device->host sync): every step draws one k-means++
-    candidate per component, with probability proportional to the (Mahalanobis) distance to the
-    nearest live component; only components dead for dead_steps consecutive steps take theirs.
-
-    gmm in the centered coordinates of EM's features Ds (B, F, L); dist = (logj, log_norm) of the
-    last E-step on them (em_step). Returns the new GMM; counts steps dead in dead_count (in place).
-    """
-    K = gmm.lam.shape[0]
-    low = gmm.lam < lambda_min
-    dead = torch.addcmul(low, dead_count, low, out=dead_count)  # (count + 1) * low, in the buffer
-    again = dead >= dead_steps
-    # logj = log_norm - (squared Mahalanobis distance) / 2: d2 is half the distance to the nearest live component.
-    logj, log_norm = dist
-    d2 = (log_norm.masked_fill(low, float("inf"))[:, None] - logj).amin(1).flatten()
-    idx = torch.multinomial(d2.clamp_min_(TINY), K, replacement=True)
-    C = gmm.mu.shape[1]
-    if _rows(Ds):
-        cand = Ds[0, 1 : C + 1].t()[idx]
-    else:
-        L = Ds.shape[2]
-        cand = Ds[idx // L, 1 : C + 1, idx % L]
-    cand = first_rank_only(cand)
-    # The live components' typical width: with the (much wider) variance of all the
-    # data, a new component loses every sample to the narrow ones in high dimension.
-    w_alive = gmm.lam.masked_fill(low, 0.0)  # sums to >= 1 - K lambda_min > 0: some component is alive
-    width = (w_alive / w_alive.sum()) @ gmm.sigma2
-    lam = gmm.lam.masked_fill(again, 1.0 / K)
-    again = again[:, None]
-    new = GMM(lam / lam.sum(), torch.where(again, cand, gmm.mu), torch.where(again, width, gmm.sigma2))
-    dead.masked_fill_(again[:, 0], 0)
-    return new
 
 
 def align(new: GMM, prev: GMM) -> GMM:

@@ -166,7 +166,7 @@ def init_gmm(D: Tensor, k: int, iters: int, var_floor: float, eps: float, reduce
 
 def reseed(gmm: GMM, dead_count: Tensor, dist, Ds: Tensor, lambda_min: float, dead_steps: int,
            first_rank_only) -> GMM:
-    """Dead components, channel by channel: the joint rule (models/gmm.py's reseed) per (k, c).
+    """Dead components, channel by channel: the joint rule (models/mixture_state.py) per (k, c).
 
     gmm in the centered coordinates of EM's features Ds; dist = (logj, log_norm) of the last E-step
     on them. Branch-free: every step draws one k-means++ candidate per (k, c); only (k, c) dead for

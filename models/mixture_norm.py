@@ -1,9 +1,10 @@
 """Mixture Normalization (MN), Kalayeh & Shah, arXiv:1806.02892: the layer.
 
-Implements docs/mixture-normalization.md in three files: models/gmm.py (the mixture
-and its EM; models/gmm_per_channel.py for per-channel mixtures), models/mixture_transform.py (the
-transform and its autograd functions), and this one, the layer that runs them and keeps their state.
-models/sync_norms.py synchronizes it (and BatchNorm) over processes.
+Implements docs/mixture-normalization.md: models/gmm.py (the mixture and its EM; models/gmm_per_channel.py
+for per-channel mixtures), models/mixture_transform.py (the transform and its autograd functions),
+models/mixture_state.py (what a step writes back), and this one, the layer that runs them and keeps their
+state. models/fused.py runs their small maths as compiled regions (fuse); models/sync_norms.py synchronizes
+the layer (and BatchNorm) over processes.
 
 One training step (MixtureNorm._batch_forward): em_steps EM iterations on at most em_samples samples,
 warm-started from the previous step's GMM (k-means++ seeding on the first step); posteriors of every
@@ -14,11 +15,9 @@ Squares are always taken of x - shift, with shift = sum_k lambda_k mu_k of the G
 cancel catastrophically when |mean| >> std; the output does not depend on the shift.
 
 Two options choose the variants the paper leaves open (defaults: the above):
-posteriors="per_channel" (one 1-D mixture per channel, tau per (sample, channel)) and
-fit="fresh": each training step fits the mixture from scratch on EM's subsample (k-means++ seeding,
-then em_steps EM iterations) instead of warm-starting from the previous step's fit. The fit's
-components are then relabelled to match the previous step's (gmm.align): the transform is a sum
-over k, so labels do not change the output, but the running averages (eval mode) average
+posteriors="per_channel" (one 1-D mixture per channel, tau per (sample, channel)) and fit="fresh":
+each training step fits the mixture from scratch on EM's subsample instead of warm-starting, its
+components relabelled to match the previous step's (gmm.align), since the running averages average
 component k over steps and need k to mean the same mode.
 """
 from __future__ import annotations
@@ -31,10 +30,12 @@ from torch import Tensor
 
 from models import gmm as joint
 from models import gmm_per_channel as pc
-from models.gmm import GMM, align, features, mixture_mean, snapshot, subsample
-from models.mixture_transform import (MixtureNormFunction, PerChannelFunction, as_ncl, coefficients, from_ncl,
-                                      is_sample_major, mix_apply, mix_apply_per_channel, normalize_math,
-                                      normalize_math_per_channel, tau_like_input_per_channel, viewable)
+from models.fused import resolve
+from models.gmm import GMM, align, features, scale_of, snapshot, subsample
+from models.mixture_state import candidates, dead_components, next_state, running_transform
+from models.mixture_transform import (MixtureNormFunction, PerChannelFunction, as_ncl, from_ncl, is_sample_major,
+                                      mix_apply, mix_apply_per_channel, normalize_math, normalize_math_per_channel,
+                                      tau_like_input_per_channel, viewable)
 from models.sync_norms import SyncedStatistics
 
 __all__ = ["MixtureNorm", "MixtureNorm1d", "MixtureNorm2d"]
@@ -74,6 +75,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         dead_steps: int = 5,
         posteriors: str = "joint",
         fit: str = "warm",
+        fuse: str = "auto",
         device=None,
         dtype=None,
     ):
@@ -103,6 +105,9 @@ class MixtureNorm(SyncedStatistics, nn.Module):
             iterations; em_steps = 0 keeps the seeds), relabelled to match the previous
             step's components. Fresh fits need no dead-component reseeding: every component
             is re-seeded every step.
+        fuse: "auto" (on a GPU), "always" or "never": run the small per-component maths as a few
+            torch.compile'd kernels instead of dozens of tiny launches (models/fused.py). The result is
+            the same up to rounding.
         """
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -115,6 +120,8 @@ class MixtureNorm(SyncedStatistics, nn.Module):
             raise ValueError("need em_steps >= 0, em_samples >= num_components, dead_steps >= 1")
         if posteriors not in ("joint", "per_channel") or fit not in ("warm", "fresh"):
             raise ValueError("need posteriors in ('joint', 'per_channel') and fit in ('warm', 'fresh')")
+        if fuse not in ("auto", "always", "never"):
+            raise ValueError("need fuse in ('auto', 'always', 'never')")
         self.num_features = num_features
         self.num_components = num_components
         self.eps = eps
@@ -130,6 +137,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         self.dead_steps = dead_steps
         self.posteriors = posteriors
         self.fit = fit
+        self.fuse = fuse
         # Distributed (models/sync_norms.py): set by sync_norms; not part of the state.
         self.sync = False
         self.process_group = None
@@ -202,7 +210,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
             "affine={affine}, track_running_stats={track_running_stats}, em_steps={em_steps}, "
             "em_samples={em_samples}, lambda_min={lambda_min}, var_floor={var_floor}, "
             "prior_scaling={prior_scaling}, detach_posteriors={detach_posteriors}, "
-            "dead_steps={dead_steps}, posteriors={posteriors}, fit={fit}".format(**self.__dict__)
+            "dead_steps={dead_steps}, posteriors={posteriors}, fit={fit}, fuse={fuse}".format(**self.__dict__)
         )
 
     # -- forward ------------------------------------------------------------------------------
@@ -232,12 +240,6 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                 Y = self._running_forward(X, info)
         return Y.to(input.dtype)
 
-    def _scale(self, lam: Tensor) -> Tensor:
-        if not self.prior_scaling:
-            return torch.ones_like(lam)
-        # Guard from the spec: a dying component must not blow up the output.
-        return lam.clamp_min(self.lambda_min).rsqrt()
-
     def _affine(self, dtype):
         if not self.affine:
             return None, None
@@ -256,7 +258,9 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         reduce = self._reducer()
         sm = is_sample_major(X)
         per_channel, fresh = self.posteriors == "per_channel", self.fit == "fresh"
-        em = pc if per_channel else joint
+        fuse = resolve(self.fuse, X)
+        gains = (self.lambda_min, self.prior_scaling)
+        W = log_norm = None
         with torch.no_grad():
             X3 = as_ncl(X.detach(), sm)
             N, C, L = X3.shape
@@ -266,7 +270,8 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                 gmm = GMM(self.gmm_lambda.to(dtype), self.gmm_mu.to(dtype), self.gmm_sigma2.to(dtype))
                 if update and torch.compiler.is_compiling():  # the buffers change before backward
                     gmm = snapshot(gmm)
-                shift = mixture_mean(gmm)
+                # The mixture centered on its own mean (the shift), and a joint E-step's weights W.
+                shift, gmm, W, log_norm = joint.centered(fuse, *gmm)
             else:
                 stats = self._all_reduce(torch.cat([X.new_full((1,), float(N * L)), X3.sum((0, 2))]))
                 shift = stats[1:] / stats[0]
@@ -275,24 +280,37 @@ class MixtureNorm(SyncedStatistics, nn.Module):
 
             # EM, warm-started from the previous step's GMM or fitted afresh (centered coordinates).
             Ds = subsample(D, max(K, self.em_samples // world))
-            if ready and not fresh:
-                gmm = gmm.shifted(shift)
-            else:
+            if not ready or fresh:
+                em = pc if per_channel else joint
                 fitted = em.init_gmm(Ds, K, self.em_steps if fresh else self.init_em_steps, self.var_floor,
                                      self.eps, reduce, self._first_rank_only)
-                gmm = align(fitted, gmm.shifted(shift)) if ready else fitted
+                gmm, W = (align(fitted, gmm) if ready else fitted), None
+            iters = 0 if fresh else self.em_steps
             dist = None
-            for it in range(0 if fresh else self.em_steps):
-                gmm, dist = em.em_step(Ds, gmm, self.var_floor, self.eps, reduce, want_dist=it == self.em_steps - 1)
-            scale = self._scale(gmm.lam)
+            if per_channel:
+                for it in range(iters):
+                    gmm, dist = pc.em_step(Ds, gmm, self.var_floor, self.eps, reduce, want_dist=it == iters - 1)
+                scale = scale_of(gmm.lam, *gains)
+            else:
+                if W is None or iters == 0:
+                    W, log_norm, scale = joint.natural_scaled(fuse, gmm, *gains)
+                # Each iteration: the E-step's log-densities (one GEMM), the posteriors, their sums (one GEMM),
+                # then the M-step and the next E-step's weights (one region).
+                for it in range(iters):
+                    logj = joint.log_joint(Ds, W)
+                    S = reduce(joint.moments(joint.posteriors(logj), Ds))
+                    if it == iters - 1:
+                        dist = (logj, log_norm)
+                    gmm, W, log_norm, scale = joint.fit_step(fuse, S, gmm, self.var_floor, self.eps, *gains)
         weight, bias = self._affine(dtype)
 
         # Posteriors of every sample under the fitted GMM, then the transform.
         if self.detach_posteriors:
             with torch.no_grad():
-                tau = self._posteriors(D, gmm)
+                tau = (pc.posteriors(pc.log_joint(D, gmm)) if per_channel
+                       else joint.posteriors(joint.log_joint(D, W)))
             fn = PerChannelFunction if per_channel else MixtureNormFunction
-            y, E, V, n_true = fn.apply(X, D, shift, tau, scale, weight, bias, self.eps, reduce)  # E in input units
+            y, E, V, n_true = fn.apply(X, D, shift, tau, scale, weight, bias, self.eps, reduce, fuse)  # E: input units
         else:
             X3 = as_ncl(X, sm)
             Dg = features(X3, shift)  # differentiable in x
@@ -311,7 +329,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                         lam=gmm.lam, mu=gmm.mu + shift, sigma2=gmm.sigma2)
         if update:
             with torch.no_grad():
-                self._update_state(gmm, shift, E, V, n_true, ready, Ds, dist)
+                self._update_state(fuse, gmm, shift, E, V, n_true, ready, Ds, dist)
         return y
 
     def _posteriors(self, D: Tensor, gmm: GMM) -> Tensor:
@@ -320,41 +338,32 @@ class MixtureNorm(SyncedStatistics, nn.Module):
             return pc.posteriors(pc.log_joint(D, gmm))
         return joint.posteriors(joint.log_joint(D, joint.natural(gmm)))
 
-    def _update_state(self, gmm: GMM, shift, E, V, n_true, ready: bool, Ds, dist) -> None:
-        """Writes back the GMM (with dead components reseeded) and the running statistics.
+    def _update_state(self, fuse: bool, gmm: GMM, shift, E, V, n_true, ready: bool, Ds, dist) -> None:
+        """Writes back the GMM (with dead components reseeded) and the running statistics, all in one copy.
 
         gmm is centered (on shift), E in input units; Ds are EM's features and dist what the last E-step
         measured on them (None when em_steps == 0, which also freezes the GMM).
         """
-        fitted = gmm
+        bufs, values, reseed = [], [], None
         if dist is not None:
-            dead_components = pc.reseed if self.posteriors == "per_channel" else joint.reseed
-            gmm = dead_components(gmm, self.dead_count, dist, Ds, self.lambda_min, self.dead_steps,
-                                  self._first_rank_only)
-        mu = gmm.mu + shift
-        if self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            f = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-            # The running GMM averages the fits, before any reseeding.
-            fit = [fitted.lam, mu if fitted is gmm else fitted.mu + shift, fitted.sigma2]
-            gmm_bufs = [self.running_lambda, self.running_mu, self.running_sigma2]
-            # BN's update with its unbiased correction n/(n-1), n_k = sum_i tau_ik; a
-            # component with too little mass for the correction (n_k <= 2) keeps its values:
-            # its targets are the running values themselves, which lerp returns exactly (the
-            # non-finite corrections of n_k <= 1 are never selected). One lerp then moves every
-            # running buffer. (Per-channel posteriors: n_kc, per component and channel.)
-            nk = n_true if n_true.dim() == 2 else n_true[:, None]
-            enough = nk > 2.0
-            v_unbiased = torch.addcdiv(V, V, nk - 1.0)  # V n / (n - 1)
-            stat_bufs = [self.running_E, self.running_V]
-            stats = [torch.where(enough, E, self.running_E), torch.where(enough, v_unbiased, self.running_V)]
-            if ready:
-                torch._foreach_lerp_(gmm_bufs + stat_bufs, fit + stats, f)
-            else:
-                # Before the first fit the running GMM means nothing: start from the fit.
-                torch._foreach_copy_(gmm_bufs, fit)
-                torch._foreach_lerp_(stat_bufs, stats, f)
-        torch._foreach_copy_([self.gmm_lambda, self.gmm_mu, self.gmm_sigma2], [gmm.lam, mu, gmm.sigma2])
+            if self.posteriors == "per_channel":  # eagerly; it counts dead steps in dead_count itself
+                gmm = pc.reseed(gmm, self.dead_count, dist, Ds, self.lambda_min, self.dead_steps,
+                                self._first_rank_only)
+            else:  # two regions around the random draw, which must stay eager
+                dead, low, again, d2 = dead_components(fuse, gmm.lam, self.dead_count, *dist,
+                                                             self.lambda_min, self.dead_steps)
+                reseed = (low, again, self._first_rank_only(candidates(Ds, d2, self.num_components)))
+                bufs.append(self.dead_count)
+                values.append(dead)
+        track = self.track_running_stats
+        running = ((self.running_lambda, self.running_mu, self.running_sigma2, self.running_E, self.running_V)
+                   if track else None)
+        store, moved = next_state(fuse, gmm, reseed, shift, E, V, n_true, running,
+                                  self.num_batches_tracked if track else None, self.momentum, ready)
+        bufs += [self.gmm_lambda, self.gmm_mu, self.gmm_sigma2, *(running or ()), *((self.num_batches_tracked,)
+                                                                                    if track else ())]
+        values += [*store, *(moved or ())]
+        torch._foreach_copy_(bufs, values)
         if not ready:
             self.initialized.fill_(True)
             self._ready = True
@@ -363,22 +372,20 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         """Eval mode: running GMM posteriors and running E_k, V_k; no batch dependence."""
         dtype, shape, sm = X.dtype, X.shape, is_sample_major(X)
         X = as_ncl(X, sm)
-        gmm = GMM(self.running_lambda.to(dtype), self.running_mu.to(dtype), self.running_sigma2.to(dtype))
-        shift = mixture_mean(gmm)
         per_channel = self.posteriors == "per_channel"
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_posteriors):
-            tau = self._posteriors(features(X, shift), gmm.shifted(shift))
-        scale = self._scale(gmm.lam)
-        E = self.running_E.to(dtype)
-        sr = (scale if per_channel else scale[:, None]) * torch.rsqrt(self.running_V.to(dtype) + self.eps)
         weight, bias = self._affine(dtype)
-        P, Q = coefficients(sr, E, weight, bias)
+        running = (self.running_lambda, self.running_mu, self.running_sigma2, self.running_E, self.running_V)
+        shift, gmm, W, scale, P, Q = running_transform(resolve(self.fuse, X), *(t.to(dtype) for t in running),
+                                                       weight, bias, self.eps, self.lambda_min, self.prior_scaling)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_posteriors):
+            D = features(X, shift)
+            tau = self._posteriors(D, gmm) if per_channel else joint.posteriors(joint.log_joint(D, W))
         if info is not None:
             tau_out = (tau_like_input_per_channel(tau.detach(), shape, sm) if per_channel
                        else from_ncl(tau.detach(), (shape[0], tau.shape[1], *shape[2:]), sm))
             n = tau.detach().sum((1, 3) if per_channel else (0, 2))
-            info.update(tau=tau_out, n=n, E=E, V=self.running_V.to(dtype),
-                        scale=scale, lam=gmm.lam, mu=gmm.mu, sigma2=gmm.sigma2)
+            info.update(tau=tau_out, n=n, E=self.running_E.to(dtype), V=self.running_V.to(dtype),
+                        scale=scale, lam=gmm.lam, mu=gmm.mu + shift, sigma2=gmm.sigma2)
         if per_channel:
             return from_ncl(mix_apply_per_channel(X, tau, P, Q), shape, sm)
         needs_grad = torch.is_grad_enabled() and (X.requires_grad or tau.requires_grad or P.requires_grad)

@@ -26,7 +26,8 @@ def test_bench_norm_times_every_mn_variant_under_the_name_the_tables_look_up():
     import torch
     from gan.tools.bench import MN_VARIANTS, bench_norm, mn_ratio_name
     rows = bench_norm(torch.device("cpu"), steps=1, repeats=1, ngf=8, batch_size=8)
-    assert [r.ratio_name for r in rows] == [mn_ratio_name(what, v) for v in MN_VARIANTS
+    # and, last, the defaults fused (on a CPU MN does not fuse by default)
+    assert [r.ratio_name for r in rows] == [mn_ratio_name(what, v) for v in [*MN_VARIANTS, "fused"]
                                             for what in ("step time", "memory")]
     assert rows[0].ratio_name == "MN/BN step time" and rows[1].ratio_name == "MN/BN memory"
     assert all(r.ratio > 0 and r.ours > 0 and r.baseline > 0 for r in rows)
@@ -34,6 +35,9 @@ def test_bench_norm_times_every_mn_variant_under_the_name_the_tables_look_up():
     saved = {r.ratio_name: r.ours for r in rows if r.unit == "MiB"}
     assert saved[mn_ratio_name("memory", "per_channel")] > saved[mn_ratio_name("memory")]
     assert saved[mn_ratio_name("memory", "layer 0")] < saved[mn_ratio_name("memory")]
+    # fused, a step launches fewer kernels than the eager one dispatches ops
+    launches = {r.ratio_name: r.extra["launches per step"] for r in rows if r.unit == "ms/step"}
+    assert launches[mn_ratio_name("step time", "fused")] < launches[mn_ratio_name("step time")]
 
 
 def test_a_cpu_bench_warns_when_other_processes_keep_the_cores_busy(monkeypatch):

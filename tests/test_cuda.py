@@ -257,3 +257,10 @@ def test_one_process_torchrun_uses_nccl(tmp_path):
                        capture_output=True, text=True, timeout=180, env=env, cwd=tmp_path)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "backend nccl sum [1.0, 1.0, 1.0]" in r.stdout
+
+
+@pytest.mark.parametrize("posteriors", ["joint", "per_channel"])
+def test_fused_mixture_norm_on_cuda_computes_what_the_eager_layer_computes(posteriors):
+    """fuse (the GPU default) against the eager layer in float64: training steps with re-seeding, eval mode."""
+    from tests.test_fused import _assert_same, _run
+    _assert_same(_run("never", posteriors, 0.1, "cuda"), _run("always", posteriors, 0.1, "cuda"))

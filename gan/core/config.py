@@ -83,6 +83,9 @@ class MNConfig:
     # (k-means++ seeding on em_samples samples, then em_steps EM iterations), components relabelled to
     # match the previous step's for the running (eval-mode) averages.
     fit: Literal["warm", "fresh"] = "warm"
+    # auto: on a GPU, MN's small per-component maths runs as a few torch.compile'd kernels instead of dozens of
+    # tiny launches (the first steps compile them); always / never force it on or off. Same results up to rounding.
+    fuse: Literal["auto", "always", "never"] = key("auto", resumable=True, groups=False)
 
 
 @dataclass

@@ -3,8 +3,10 @@
 - train: our training step (BN generator) vs a reference loop written the way the classic PyTorch
   DCGAN example is (DataLoader over CPU tensors, fp32, default memory format, `.item()` every step).
 - norm:  our step with MN (K=3, one EM step) vs our step with BN; step time and memory, for each MN variant
-  (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), all timed side by side;
-  beside each time, the aten ops one step dispatches (eager), a figure that does not depend on the machine.
+  (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), and the defaults with MN's small
+  maths fused on a CPU (unfused on a GPU), all timed side by side; beside each time, the kernel launches of one
+  step (eager aten ops, plus the kernels Inductor generates for fused regions), a figure that does not depend
+  on the machine.
 - train|norm --compile MODE: the same steps compiled by torch.compile in MODE ("default": kernel fusion;
   "reduce-overhead": CUDA graphs too) vs eager: BN compiled vs eager; MN vs BN both compiled, MN compiled vs eager.
 - eval:  our Inception feature extraction vs a default `torch_fidelity.calculate_metrics` call on the
@@ -196,6 +198,13 @@ MN_VARIANTS = {
 DEFAULT_VARIANT = next(iter(MN_VARIANTS))
 
 
+def norm_variants(device: torch.device) -> dict[str, dict]:
+    """MN_VARIANTS plus the defaults with MN's small maths fused or not, whichever the device does not do by
+    default (`model.mn.fuse: auto` fuses on a GPU only): the pair measures what fusing is worth there."""
+    other = ("unfused", "never") if device.type == "cuda" else ("fused", "always")
+    return {**MN_VARIANTS, other[0]: {"model.mn.fuse": other[1]}}
+
+
 def mn_ratio_name(what: str, variant: str = DEFAULT_VARIANT) -> str:
     """A `bench norm` row's ratio name: "MN/BN step time" for the spec's defaults (the name older bench
     files use), "MN/BN step time, per_channel" for a variant. The headline and scripts/variants_table.py
@@ -205,15 +214,16 @@ def mn_ratio_name(what: str, variant: str = DEFAULT_VARIANT) -> str:
 
 def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, batch_size: int = 64,
                kernels: bool = False) -> list[Row]:
-    """MN's variants against BN: step time, memory, aten ops per step; with `kernels`, also the kernels Inductor
-    generates for one compiled generator step at width 8, BN and the default MN (tens of seconds to compile)."""
+    """MN's variants against BN: step time, memory, launches per step (aten ops, and fused regions' kernels);
+    with `kernels`, also the kernels Inductor generates for one compiled generator step at width 8, BN and the
+    default MN (tens of seconds to compile)."""
     data = synthetic_data()
     common = {"model.ngf": ngf, "model.ndf": ngf, "train.batch_size": batch_size,
               "model.mn.num_components": 3, "model.mn.em_steps": 1}
     with tempfile.TemporaryDirectory() as tmp:
         bn = make_trainer(device.type, "bn", data, Path(tmp) / "bn", **common)
         mns = {name: make_trainer(device.type, "mn", data, Path(tmp) / f"mn{i}", **{**common, **o})
-               for i, (name, o) in enumerate(MN_VARIANTS.items())}
+               for i, (name, o) in enumerate(norm_variants(device).items())}
         trainers = [*mns.values(), bn]
         *t_mn, t_bn = alternate_all([lambda tr=tr: run_steps(tr, steps) for tr in trainers], repeats, device)
         if device.type == "cuda":
@@ -226,13 +236,14 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
             what, peaks = "tensors saved for backward per step", [_activation_bytes(tr) / 2**20 for tr in trainers]
         # On a GPU each aten op is about one kernel launch, and at these sizes launches bound the step: the
         # count tells on any machine what a GPU step will cost. (It includes the optimizer, which a CPU runs
-        # tensor by tensor and a GPU fused: the difference MN - BN is the figure to watch.)
+        # tensor by tensor and a GPU fused: the difference MN - BN is the figure to watch.) MN's fused regions
+        # count as the kernels Inductor generates for them (gan/tools/op_count.py).
         counts = [count_ops(lambda tr=tr: run_steps(tr, 1)) for tr in trainers]
         compiled = _compiled_kernels(device) if kernels else {}
         rows = []
         for i, name in enumerate(mns):
             label = "(K=3, 1 EM step) " if name == DEFAULT_VARIANT else f"{name} "
-            ops = {"aten ops per step": counts[i].ops, "BN aten ops per step": counts[-1].ops,
+            ops = {"launches per step": counts[i].ops, "BN launches per step": counts[-1].ops,
                    **(compiled if name == DEFAULT_VARIANT else {})}
             rows.append(Row("norm", f"DCGAN step, MN {label}vs BN, batch {batch_size}",
                             t_mn[i] / steps * 1e3, t_bn / steps * 1e3, "ms/step", mn_ratio_name("step time", name),

@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
+
+from models.fused import Region
 
 aten = torch.ops.aten
 
@@ -59,11 +61,52 @@ class _Counting(TorchDispatchMode):
 
 
 def count_ops(fn: Callable[[], object]) -> OpCount:
-    """Runs fn() once and counts the aten ops it dispatches (autograd's backward included)."""
+    """Runs fn() once and counts the aten ops it dispatches (autograd's backward included). MN's fused regions
+    (models/fused.py) count as the kernels Inductor generates for them (`region_kernels`), listed in `by_op` as
+    "region:<name>"; their eager ops are not counted."""
     count = OpCount()
-    with _Counting(count):
-        fn()
+
+    def observe(region: Region, args: tuple):
+        with _disable_current_modes():
+            kernels = region_kernels(region, args)
+            out = region.fn(*args)
+        count.ops += kernels
+        count.by_op[f"region:{region.name}"] += kernels
+        return out
+
+    previous, Region.observer = Region.observer, observe
+    try:
+        with _Counting(count):
+            fn()
+    finally:
+        Region.observer = previous
     return count
+
+
+_REGION_KERNELS: dict = {}
+
+
+def region_kernels(region: Region, args: tuple) -> int:
+    """The kernels Inductor generates for one region called with args (cached by the arguments' shapes, dtypes and
+    devices and the other arguments' values): each is one launch per call on a GPU. Compiles the region afresh,
+    which resets torch._dynamo (compiled code elsewhere is recompiled when next called)."""
+    import torch._inductor.metrics as metrics
+
+    def signature(a):
+        if isinstance(a, torch.Tensor):
+            return ("T", tuple(a.shape), a.dtype, a.device.type)
+        if isinstance(a, (tuple, list)):
+            return tuple(signature(x) for x in a)
+        return a
+
+    key = (region.name, signature(args))
+    if key not in _REGION_KERNELS:
+        torch._dynamo.reset()
+        metrics.reset()
+        torch.compile(region.fn, fullgraph=True, dynamic=False)(*args)
+        _REGION_KERNELS[key] = metrics.generated_kernel_count
+        torch._dynamo.reset()
+    return _REGION_KERNELS[key]
 
 
 def generator_ops(G: torch.nn.Module, batch_size: int = 8, seed: int = 0) -> OpCount:
