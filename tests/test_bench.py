@@ -26,9 +26,10 @@ def test_bench_norm_times_every_mn_variant_under_the_name_the_tables_look_up():
     import torch
     from gan.tools.bench import MN_VARIANTS, bench_norm, mn_ratio_name
     rows = bench_norm(torch.device("cpu"), steps=1, repeats=1, ngf=8, batch_size=8)
-    # and, last, the defaults fused (on a CPU MN does not fuse by default)
+    # then the defaults fused (on a CPU MN does not fuse by default), then one layer's host time, eager and fused
     assert [r.ratio_name for r in rows] == [mn_ratio_name(what, v) for v in [*MN_VARIANTS, "fused"]
-                                            for what in ("step time", "memory")]
+                                            for what in ("step time", "memory")] + [
+        mn_ratio_name("layer host time", kind) for kind in ("eager", "fused")]
     assert rows[0].ratio_name == "MN/BN step time" and rows[1].ratio_name == "MN/BN memory"
     assert all(r.ratio > 0 and r.ours > 0 and r.baseline > 0 for r in rows)
     # the variants differ in the work they do: per-channel posteriors keep more for backward than the defaults

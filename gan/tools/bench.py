@@ -250,7 +250,30 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
                             t_mn[i] / t_bn, ops))
             rows.append(Row("norm", what + ("" if name == DEFAULT_VARIANT else f", MN {name}"), peaks[i], peaks[-1],
                             "MiB", mn_ratio_name("memory", name), peaks[i] / peaks[-1]))
-    return rows
+    return rows + bench_layer_host_time(device, repeats)
+
+
+def bench_layer_host_time(device: torch.device, repeats: int, calls: int = 100) -> list[Row]:
+    """One layer's training forward+backward on a batch so small (4 x 64 x 4 x 4) that the arithmetic is nothing:
+    what is left is the host's time to run the layer's code and launch its kernels, which is what an MN layer
+    adds to a launch-bound GPU step. MN eager and fused, each against BN."""
+    from models.mixture_norm import MixtureNorm2d
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 4, 4, device=device).to(memory_format=torch.channels_last).requires_grad_()
+    g = torch.randn_like(x)
+    layers = [MixtureNorm2d(64, fuse=f).to(device) for f in ("never", "always")] + [nn.BatchNorm2d(64).to(device)]
+
+    def run(layer):
+        for _ in range(calls):
+            layer(x).backward(g)
+
+    for layer in layers:  # the first steps seed the mixture and compile the fused regions
+        for _ in range(3):
+            layer(x).backward(g)
+    *t_mn, t_bn = alternate_all([lambda layer=layer: run(layer) for layer in layers], repeats, device)
+    return [Row("norm", f"one layer's forward+backward at batch 4x64x4x4 (host-bound), MN {kind} vs BN",
+                t / calls * 1e6, t_bn / calls * 1e6, "us", mn_ratio_name("layer host time", kind), t / t_bn)
+            for kind, t in zip(("eager", "fused"), t_mn)]
 
 
 def _compiled_kernels(device: torch.device) -> dict[str, int]:
