@@ -1,13 +1,13 @@
 """The joint mixture (one C-dimensional diagonal GMM per layer, so a sample has the same
 posteriors in every channel), and what both kinds of mixture share: the GMM type, the samples'
-features, EM's subsample, dead components, the relabelling of fresh fits (align).
-models/gmm_per_channel.py is the mixture of posteriors="per_channel".
+features, EM's subsample, the relabelling of fresh fits (align). models/gmm_per_channel.py is the
+mixture of posteriors="per_channel"; dead components are models/mixture_state.py's.
 
 Few kernels: on a GPU every tensor operation costs about one kernel launch whatever its size, and
 MN's per-component quantities are tiny (K x C), so the cost of a step follows the number of
 operations. Hence one feature matrix per batch (`features`), from which an E-step is one GEMM and
 all sufficient statistics are another; the K components are always batched; the M-step works on the
-packed statistics.
+packed statistics; and the tiny operations between two GEMMs form one region (models/fused.py).
 """
 from __future__ import annotations
 

@@ -350,8 +350,8 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                 gmm = pc.reseed(gmm, self.dead_count, dist, Ds, self.lambda_min, self.dead_steps,
                                 self._first_rank_only)
             else:  # two regions around the random draw, which must stay eager
-                dead, low, again, d2 = dead_components(fuse, gmm.lam, self.dead_count, *dist,
-                                                             self.lambda_min, self.dead_steps)
+                dead, low, again, d2 = dead_components(fuse, gmm.lam, self.dead_count, *dist, self.lambda_min,
+                                                       self.dead_steps)
                 reseed = (low, again, self._first_rank_only(candidates(Ds, d2, self.num_components)))
                 bufs.append(self.dead_count)
                 values.append(dead)
@@ -360,8 +360,9 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                    if track else None)
         store, moved = next_state(fuse, gmm, reseed, shift, E, V, n_true, running,
                                   self.num_batches_tracked if track else None, self.momentum, ready)
-        bufs += [self.gmm_lambda, self.gmm_mu, self.gmm_sigma2, *(running or ()), *((self.num_batches_tracked,)
-                                                                                    if track else ())]
+        bufs += [self.gmm_lambda, self.gmm_mu, self.gmm_sigma2]
+        if track:
+            bufs += [*running, self.num_batches_tracked]
         values += [*store, *(moved or ())]
         torch._foreach_copy_(bufs, values)
         if not ready:

@@ -37,7 +37,7 @@ from typing import Callable
 
 import yaml
 
-from gan.core.config import KEY_ROLES, Config, load_config, parse_assignment
+from gan.core.config import KEY_ROLES, load_config, parse_assignment
 from gan.core.errors import UserError
 from gan.core.run_folder import RunFolder
 from gan.tools.launcher import PlannedRun, duration, train_all
