@@ -7,7 +7,7 @@ Few kernels: on a GPU every tensor operation costs about one kernel launch whate
 MN's per-component quantities are tiny (K x C), so the cost of a step follows the number of
 operations. Hence one feature matrix per batch (`features`), from which an E-step is one GEMM and
 all sufficient statistics are another; the K components are always batched; the M-step works on the
-packed statistics; and the tiny operations between two GEMMs form one region (models/fused.py).
+packed statistics.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from models.fused import region
 
 # Keeps k-means++ sampling weights a valid distribution when every distance is 0
 # (constant data): the draw then falls back to uniform.
@@ -208,12 +207,11 @@ def em_step(D: Tensor, gmm: GMM, var_floor: float, eps: float, reduce: Reduce, w
     return m_step(S, gmm, var_floor, eps), ((logj, log_norm) if want_dist else None)
 
 
-# The warm EM of a training step as regions (models/fused.py): per step, `centered` reads the stored mixture,
-# then each iteration is one GEMM for the E-step's log-densities, a softmax, one GEMM for the sums, and
-# `fit_step` for everything between the sums and the next E-step.
+# The warm EM of a training step: `centered` reads the stored mixture, then each iteration is one GEMM for the
+# E-step's log-densities, a softmax, one GEMM for the sums, and `fit_step` for everything between the sums and
+# the next E-step.
 
 
-@region
 def centered(lam: Tensor, mu: Tensor, sigma2: Tensor):
     """The stored mixture in the coordinates its own mean centers: (shift, GMM centered on it, W, log_norm), W
     and log_norm as natural's (None for a per-channel mixture, whose E-step needs no W)."""
@@ -226,19 +224,17 @@ def centered(lam: Tensor, mu: Tensor, sigma2: Tensor):
     return shift, gmm, W, log_norm
 
 
-@region
 def natural_scaled(gmm: GMM, lambda_min: float, prior_scaling: bool):
     """(W, log_norm) of natural, and the transform's gain scale_of(lam)."""
     W, log_norm = natural(gmm, with_log_norm=True)
     return W, log_norm, scale_of(gmm.lam, lambda_min, prior_scaling)
 
 
-@region
 def fit_step(S: Tensor, prev: GMM, var_floor: float, eps: float, lambda_min: float, prior_scaling: bool):
     """The M-step from the sums S, then what the next E-step and the transform need of the new mixture:
     (GMM, W, log_norm, scale)."""
     gmm = m_step(S, prev, var_floor, eps)
-    return (gmm, *natural_scaled.fn(gmm, lambda_min, prior_scaling))
+    return (gmm, *natural_scaled(gmm, lambda_min, prior_scaling))
 
 
 def _kmeans_pp(xs: Tensor, k: int, var: Tensor) -> Tensor:

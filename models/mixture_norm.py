@@ -3,8 +3,8 @@
 Implements docs/mixture-normalization.md: models/gmm.py (the mixture and its EM; models/gmm_per_channel.py
 for per-channel mixtures), models/mixture_transform.py (the transform and its autograd functions),
 models/mixture_state.py (what a step writes back), and this one, the layer that runs them and keeps their
-state. models/fused.py runs their small maths as compiled regions (fuse); models/sync_norms.py synchronizes
-the layer (and BatchNorm) over processes.
+state. With fuse, models/fused.py runs the layer as a compiled graph; models/sync_norms.py synchronizes it
+(and BatchNorm) over processes.
 
 One training step (MixtureNorm._batch_forward): em_steps EM iterations on at most em_samples samples,
 warm-started from the previous step's GMM (k-means++ seeding on the first step); posteriors of every
@@ -30,7 +30,7 @@ from torch import Tensor
 
 from models import gmm as joint
 from models import gmm_per_channel as pc
-from models.fused import resolve
+from models.fused import Region, resolve
 from models.gmm import GMM, align, features, scale_of, snapshot, subsample
 from models.mixture_state import candidates, dead_components, next_state, running_transform
 from models.mixture_transform import (MixtureNormFunction, PerChannelFunction, as_ncl, from_ncl, is_sample_major,
@@ -105,9 +105,9 @@ class MixtureNorm(SyncedStatistics, nn.Module):
             iterations; em_steps = 0 keeps the seeds), relabelled to match the previous
             step's components. Fresh fits need no dead-component reseeding: every component
             is re-seeded every step.
-        fuse: "auto" (on a GPU), "always" or "never": run the small per-component maths as a few
-            torch.compile'd kernels instead of dozens of tiny launches (models/fused.py). The result is
-            the same up to rounding.
+        fuse: "auto" (on a GPU), "always" or "never": run the layer's forward (and so its backward) as
+            one torch.compile'd graph instead of dozens of tiny launches and their Python (models/fused.py).
+            The result is the same up to rounding.
         """
         super().__init__()
         factory = {"device": device, "dtype": dtype}
@@ -216,7 +216,19 @@ class MixtureNorm(SyncedStatistics, nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, input: Tensor) -> Tensor:
+        if self._fused(input):
+            return _region(self)(True, self, input)
         return self._forward(input, None)
+
+    def _fused(self, input: Tensor) -> bool:
+        """Whether this call runs as a compiled graph (models/fused.py): with fuse on for the input's device, not
+        when an enclosing torch.compile traces the layer anyway, once the mixture exists (the first training
+        step's k-means++ seeding stays eager), and in one process (several all-reduce their sums eagerly)."""
+        if not resolve(self.fuse, input) or torch.compiler.is_compiling():
+            return False
+        if (self.training or not self.track_running_stats) and not self._is_ready():
+            return False
+        return self._world()[0] == 1
 
     def forward_with_info(self, input: Tensor) -> tuple[Tensor, dict]:
         """forward plus what it used: posteriors tau (N, K, *) (the input's shape with C -> K),
@@ -258,7 +270,6 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         reduce = self._reducer()
         sm = is_sample_major(X)
         per_channel, fresh = self.posteriors == "per_channel", self.fit == "fresh"
-        fuse = resolve(self.fuse, X)
         gains = (self.lambda_min, self.prior_scaling)
         W = log_norm = None
         with torch.no_grad():
@@ -271,7 +282,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                 if update and torch.compiler.is_compiling():  # the buffers change before backward
                     gmm = snapshot(gmm)
                 # The mixture centered on its own mean (the shift), and a joint E-step's weights W.
-                shift, gmm, W, log_norm = joint.centered(fuse, *gmm)
+                shift, gmm, W, log_norm = joint.centered(*gmm)
             else:
                 stats = self._all_reduce(torch.cat([X.new_full((1,), float(N * L)), X3.sum((0, 2))]))
                 shift = stats[1:] / stats[0]
@@ -293,7 +304,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                 scale = scale_of(gmm.lam, *gains)
             else:
                 if W is None or iters == 0:
-                    W, log_norm, scale = joint.natural_scaled(fuse, gmm, *gains)
+                    W, log_norm, scale = joint.natural_scaled(gmm, *gains)
                 # Each iteration: the E-step's log-densities (one GEMM), the posteriors, their sums (one GEMM),
                 # then the M-step and the next E-step's weights (one region).
                 for it in range(iters):
@@ -301,7 +312,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                     S = reduce(joint.moments(joint.posteriors(logj), Ds))
                     if it == iters - 1:
                         dist = (logj, log_norm)
-                    gmm, W, log_norm, scale = joint.fit_step(fuse, S, gmm, self.var_floor, self.eps, *gains)
+                    gmm, W, log_norm, scale = joint.fit_step(S, gmm, self.var_floor, self.eps, *gains)
         weight, bias = self._affine(dtype)
 
         # Posteriors of every sample under the fitted GMM, then the transform.
@@ -310,7 +321,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                 tau = (pc.posteriors(pc.log_joint(D, gmm)) if per_channel
                        else joint.posteriors(joint.log_joint(D, W)))
             fn = PerChannelFunction if per_channel else MixtureNormFunction
-            y, E, V, n_true = fn.apply(X, D, shift, tau, scale, weight, bias, self.eps, reduce, fuse)  # E: input units
+            y, E, V, n_true = fn.apply(X, D, shift, tau, scale, weight, bias, self.eps, reduce)  # E in input units
         else:
             X3 = as_ncl(X, sm)
             Dg = features(X3, shift)  # differentiable in x
@@ -329,7 +340,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                         lam=gmm.lam, mu=gmm.mu + shift, sigma2=gmm.sigma2)
         if update:
             with torch.no_grad():
-                self._update_state(fuse, gmm, shift, E, V, n_true, ready, Ds, dist)
+                self._update_state(gmm, shift, E, V, n_true, ready, Ds, dist)
         return y
 
     def _posteriors(self, D: Tensor, gmm: GMM) -> Tensor:
@@ -338,7 +349,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
             return pc.posteriors(pc.log_joint(D, gmm))
         return joint.posteriors(joint.log_joint(D, joint.natural(gmm)))
 
-    def _update_state(self, fuse: bool, gmm: GMM, shift, E, V, n_true, ready: bool, Ds, dist) -> None:
+    def _update_state(self, gmm: GMM, shift, E, V, n_true, ready: bool, Ds, dist) -> None:
         """Writes back the GMM (with dead components reseeded) and the running statistics, all in one copy.
 
         gmm is centered (on shift), E in input units; Ds are EM's features and dist what the last E-step
@@ -349,8 +360,8 @@ class MixtureNorm(SyncedStatistics, nn.Module):
             if self.posteriors == "per_channel":  # eagerly; it counts dead steps in dead_count itself
                 gmm = pc.reseed(gmm, self.dead_count, dist, Ds, self.lambda_min, self.dead_steps,
                                 self._first_rank_only)
-            else:  # two regions around the random draw, which must stay eager
-                dead, low, again, d2 = dead_components(fuse, gmm.lam, self.dead_count, *dist, self.lambda_min,
+            else:
+                dead, low, again, d2 = dead_components(gmm.lam, self.dead_count, *dist, self.lambda_min,
                                                        self.dead_steps)
                 reseed = (low, again, self._first_rank_only(candidates(Ds, d2, self.num_components)))
                 bufs.append(self.dead_count)
@@ -358,7 +369,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         track = self.track_running_stats
         running = ((self.running_lambda, self.running_mu, self.running_sigma2, self.running_E, self.running_V)
                    if track else None)
-        store, moved = next_state(fuse, gmm, reseed, shift, E, V, n_true, running,
+        store, moved = next_state(gmm, reseed, shift, E, V, n_true, running,
                                   self.num_batches_tracked if track else None, self.momentum, ready)
         bufs += [self.gmm_lambda, self.gmm_mu, self.gmm_sigma2]
         if track:
@@ -376,7 +387,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         per_channel = self.posteriors == "per_channel"
         weight, bias = self._affine(dtype)
         running = (self.running_lambda, self.running_mu, self.running_sigma2, self.running_E, self.running_V)
-        shift, gmm, W, scale, P, Q = running_transform(resolve(self.fuse, X), *(t.to(dtype) for t in running),
+        shift, gmm, W, scale, P, Q = running_transform(*(t.to(dtype) for t in running),
                                                        weight, bias, self.eps, self.lambda_min, self.prior_scaling)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_posteriors):
             D = features(X, shift)
@@ -392,6 +403,22 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         needs_grad = torch.is_grad_enabled() and (X.requires_grad or tau.requires_grad or P.requires_grad)
         out = None if needs_grad else torch.empty_like(X)
         return from_ncl(mix_apply(X, tau, P, Q, out=out), shape, sm)
+
+
+def _layer_forward(layer: MixtureNorm, input: Tensor) -> Tensor:
+    return layer._forward(input, None)
+
+
+# One compiled region per layer configuration, width included (the buffers' shapes are static to Dynamo): each
+# holds the few graphs of its layers (training, eval mode, another batch size).
+_REGIONS: dict[str, Region] = {}
+
+
+def _region(layer: MixtureNorm) -> Region:
+    key = layer.extra_repr()
+    if key not in _REGIONS:
+        _REGIONS[key] = Region(_layer_forward)
+    return _REGIONS[key]
 
 
 class MixtureNorm2d(MixtureNorm):

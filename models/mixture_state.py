@@ -1,4 +1,4 @@
-"""What an MN layer keeps between steps, as regions (models/fused.py): the state a training step writes back
+"""What an MN layer keeps between steps: the state a training step writes back
 (the mixture, dead components reseeded, BatchNorm-like running averages) and the eval-mode transform's
 coefficients read from it. The layer (models/mixture_norm.py) copies the values into its buffers in one
 call; the maths is docs/mixture-normalization.md, "Running estimates".
@@ -10,18 +10,16 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from models.fused import region
 from models.gmm import GMM, TINY, is_rows, centered, mixture_mean, scale_of
 from models.mixture_transform import coefficients
 
 
 # Dead components, branch-free (no device->host sync): every step draws one k-means++ candidate per
 # component, with probability proportional to the (Mahalanobis) distance to the nearest live component;
-# only components dead for dead_steps consecutive steps take theirs. Three parts, so that the random draw
-# (eager: Inductor's random numbers differ from eager's) sits between two regions.
+# only components dead for dead_steps consecutive steps take theirs. In three parts: the weights of the draw,
+# the draw, and (in next_state) the new components.
 
 
-@region
 def dead_components(lam: Tensor, dead_count: Tensor, logj: Tensor, log_norm: Tensor, lambda_min: float,
                     dead_steps: int):
     """From the last E-step on EM's features, (logj, log_norm) of em_step: (dead_count after this step, low =
@@ -56,7 +54,6 @@ def reseeded(gmm: GMM, low: Tensor, again: Tensor, cand: Tensor) -> GMM:
     return GMM(lam / lam.sum(), torch.where(again, cand, gmm.mu), torch.where(again, width, gmm.sigma2))
 
 
-@region
 def next_state(fitted: GMM, reseed: Optional[tuple], shift: Tensor, E: Tensor, V: Tensor, n_true: Tensor,
                running: Optional[tuple], count: Optional[Tensor], momentum: Optional[float], ready: bool):
     """The buffers' values after a training step: the mixture to warm-start the next step from (lam, mu, sigma2,
@@ -92,12 +89,11 @@ def next_state(fitted: GMM, reseed: Optional[tuple], shift: Tensor, E: Tensor, V
     return store, (*(moved[:3] if ready else fit), *moved[-2:], count)
 
 
-@region
 def running_transform(lam: Tensor, mu: Tensor, sigma2: Tensor, E: Tensor, V: Tensor, weight: Optional[Tensor],
                       bias: Optional[Tensor], eps: float, lambda_min: float, prior_scaling: bool):
     """Eval mode's mixture and coefficients from the running buffers: (shift, the running GMM centered on it, W
     for joint posteriors (None per channel), scale, P, Q, the transform's y = sum_k tau_k (P_k x + Q_k))."""
-    shift, gmm, W, _ = centered.fn(lam, mu, sigma2)
+    shift, gmm, W, _ = centered(lam, mu, sigma2)
     scale = scale_of(lam, lambda_min, prior_scaling)
     sr = (scale if lam.dim() == 2 else scale[:, None]) * torch.rsqrt(V + eps)
     P, Q = coefficients(sr, E, weight, bias)

@@ -35,7 +35,6 @@ import torch
 from torch import Tensor
 
 from models import gmm_per_channel as pc
-from models.fused import region
 from models.gmm import Reduce, identity, moments
 
 # ----------------------------------------------------------------------------------------
@@ -94,13 +93,11 @@ class Stats(NamedTuple):
     Q: Tensor
 
 
-@region
 def statistics(S: Tensor, shift: Tensor, scale: Tensor, weight: Tensor | None, bias: Tensor | None,
                eps: float) -> Stats:
     """From the sums S = [sum_i tau, sum_i tau xc, sum_i tau xc^2]: (K, 1 + 2C) for joint posteriors,
     (K, 3C) for per-channel ones (the same thing when C = 1): E, V, r and the transform's P, Q.
-    Differentiable (autograd through tau when posteriors are not detached). A region: call it as
-    statistics(fuse, S, ...)."""
+    Differentiable (autograd through tau when posteriors are not detached)."""
     K, C = S.shape[0], shift.shape[0]
     joint = S.shape[1] == 1 + 2 * C
     n_true = S[:, :1] if joint else S[:, :C]
@@ -152,21 +149,12 @@ def local_grads(gy: Tensor, m_tmp: Tensor, center: Tensor, sr: Tensor) -> tuple[
     return hc, (sr * hc).sum(0), gy.sum(0)
 
 
-@region
-def grad_coefficients(st: Stats, shift: Tensor, gy: Tensor, m_tmp: Tensor):
-    """local_grads then input_grad_coefficients, for a layer whose sums need no all-reduce: (d_weight,
-    d_bias, b, alpha)."""
-    hc, d_w, d_b = local_grads(gy, m_tmp, st.center, st.sr)
-    return (d_w, d_b, *input_grad_coefficients(st, shift, gy, hc))
-
-
-def backward_coefficients(fuse: bool, st: Stats, shift: Tensor, gy: Tensor, m_tmp: Tensor, reduce: Reduce):
+def backward_coefficients(st: Stats, shift: Tensor, gy: Tensor, m_tmp: Tensor, reduce: Reduce):
     """(d_weight, d_bias, b, alpha) of a transform's backward. Like SyncBatchNorm: the parameters' gradients
     stay local (DDP averages them), the sums feeding the input gradient are global."""
-    if reduce is identity:
-        return grad_coefficients(fuse, st, shift, gy, m_tmp)
     hc, d_w, d_b = local_grads(gy, m_tmp, st.center, st.sr)
-    gy, hc = reduce(torch.cat([gy, hc], 1)).split(gy.shape[1], 1)
+    if reduce is not identity:
+        gy, hc = reduce(torch.cat([gy, hc], 1)).split(gy.shape[1], 1)
     return (d_w, d_b, *input_grad_coefficients(st, shift, gy, hc))
 
 
@@ -199,10 +187,10 @@ def mix_apply(X: Tensor, tau: Tensor, P: Tensor, Q: Tensor, out: Optional[Tensor
     return _contract_into(out, Q, tau, accumulate=True)
 
 
-def normalize_math(X, D, shift, tau, scale, weight, bias, eps: float, reduce: Reduce, out=None, fuse=False):
+def normalize_math(X, D, shift, tau, scale, weight, bias, eps: float, reduce: Reduce, out=None):
     """Spec's training-mode transform of X (B, C, L) with features D (models/gmm.py) and posteriors
     tau; differentiable by autograd when tau/X require grad. Returns y (in `out` if given) and Stats."""
-    st = statistics(fuse, reduce(moments(tau, D)), shift, scale, weight, bias, eps)
+    st = statistics(reduce(moments(tau, D)), shift, scale, weight, bias, eps)
     return mix_apply(X, tau, st.P, st.Q, out), st
 
 
@@ -218,13 +206,12 @@ class MixtureNormFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, X, D, shift, tau, scale, weight, bias, eps, reduce, fuse=False):
+    def forward(ctx, X, D, shift, tau, scale, weight, bias, eps, reduce):
         sm = is_sample_major(X)
         out = torch.empty_like(X)  # X's layout; not a view (the next layer's ReLU is in place)
-        _, st = normalize_math(as_ncl(X, sm), D, shift, tau, scale, weight, bias, eps, reduce, out=as_ncl(out, sm),
-                               fuse=fuse)
+        _, st = normalize_math(as_ncl(X, sm), D, shift, tau, scale, weight, bias, eps, reduce, out=as_ncl(out, sm))
         ctx.save_for_backward(X, shift, tau, st.n, st.c, st.E, st.Ve, st.sr, st.P, st.center)
-        ctx.reduce, ctx.sample_major, ctx.fuse = reduce, sm, fuse
+        ctx.reduce, ctx.sample_major = reduce, sm
         n_true = st.n_true[:, 0]
         ctx.mark_non_differentiable(st.center, st.V, n_true)
         ctx.set_materialize_grads(False)
@@ -233,14 +220,14 @@ class MixtureNormFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_in, _dE, _dV, _dn):
         if dy_in is None:
-            return (None,) * 10
+            return (None,) * 9
         X_in, shift, tau, n, c, E, Ve, sr, P, center = ctx.saved_tensors
         sm = ctx.sample_major
         X, dy = as_ncl(X_in, sm), as_ncl(dy_in, sm)
         # Per-component sums sum_i tau_ik dy_i and sum_i tau_ik dy_i x_i (local).
         tmp = dy * X
         st = Stats(None, n, c, E, None, Ve, sr, center, P, None)
-        d_w, d_b, b, alpha = backward_coefficients(ctx.fuse, st, shift, moments(tau, dy), moments(tau, tmp),
+        d_w, d_b, b, alpha = backward_coefficients(st, shift, moments(tau, dy), moments(tau, tmp),
                                                    ctx.reduce)
         d_x = None
         if ctx.needs_input_grad[0]:
@@ -249,7 +236,7 @@ class MixtureNormFunction(torch.autograd.Function):
             dx.addcmul_(_contract_into(tmp, b, tau), X, value=-1.0)
             _contract_into(dx, alpha, tau, accumulate=True)
         return (d_x, None, None, None, None, d_w if ctx.needs_input_grad[5] else None,
-                d_b if ctx.needs_input_grad[6] else None, None, None, None)
+                d_b if ctx.needs_input_grad[6] else None, None, None)
 
 
 # ----------------------------------------------------------------------------------------
@@ -267,10 +254,9 @@ def mix_apply_per_channel(X: Tensor, tau: Tensor, P: Tensor, Q: Tensor, out: Opt
     return torch.sum(y.mul_(tau), 0, out=out)
 
 
-def normalize_math_per_channel(X, D, shift, tau, scale, weight, bias, eps: float, reduce: Reduce, out=None,
-                               fuse=False):
+def normalize_math_per_channel(X, D, shift, tau, scale, weight, bias, eps: float, reduce: Reduce, out=None):
     """The per-channel training transform (autograd-differentiable); as normalize_math."""
-    st = statistics(fuse, reduce(pc.moments(tau, D)), shift, scale, weight, bias, eps)
+    st = statistics(reduce(pc.moments(tau, D)), shift, scale, weight, bias, eps)
     return mix_apply_per_channel(X, tau, st.P, st.Q, out), st
 
 
@@ -284,14 +270,14 @@ class PerChannelFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, X, D, shift, tau, scale, weight, bias, eps, reduce, fuse=False):
+    def forward(ctx, X, D, shift, tau, scale, weight, bias, eps, reduce):
         sm = is_sample_major(X)
         eager = not torch.compiler.is_compiling()
         out = torch.empty_like(X) if eager else None  # not a view: the next layer's in-place ReLU
         y, st = normalize_math_per_channel(as_ncl(X, sm), D, shift, tau, scale, weight, bias, eps, reduce,
-                                           out=as_ncl(out, sm) if eager else None, fuse=fuse)
+                                           out=as_ncl(out, sm) if eager else None)
         ctx.save_for_backward(X, shift, tau, st.n, st.c, st.E, st.Ve, st.sr, st.P, st.center)
-        ctx.reduce, ctx.sample_major, ctx.fuse = reduce, sm, fuse
+        ctx.reduce, ctx.sample_major = reduce, sm
         ctx.mark_non_differentiable(st.center, st.V, st.n_true)
         ctx.set_materialize_grads(False)
         # Under torch.compile (no out=): a copy, since an in-place ReLU may follow and the output must not be a view.
@@ -301,14 +287,14 @@ class PerChannelFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy_in, _dE, _dV, _dn):
         if dy_in is None:
-            return (None,) * 10
+            return (None,) * 9
         X_in, shift, tau, n, c, E, Ve, sr, P, center = ctx.saved_tensors
         sm = ctx.sample_major
         X, dy = as_ncl(X_in, sm), as_ncl(dy_in, sm)
         tdy = tau * dy
         gy = tdy.sum((1, 3))
         st = Stats(None, n, c, E, None, Ve, sr, center, P, None)
-        d_w, d_b, b, alpha = backward_coefficients(ctx.fuse, st, shift, gy, tdy.mul_(X).sum((1, 3)), ctx.reduce)
+        d_w, d_b, b, alpha = backward_coefficients(st, shift, gy, tdy.mul_(X).sum((1, 3)), ctx.reduce)
         d_x = None
         if ctx.needs_input_grad[0]:
             bc = pc.bcast
@@ -321,7 +307,7 @@ class PerChannelFunction(torch.autograd.Function):
                 d_x = torch.empty_like(X_in)
                 torch.sum(terms, 0, out=as_ncl(d_x, sm))
         return (d_x, None, None, None, None, d_w if ctx.needs_input_grad[5] else None,
-                d_b if ctx.needs_input_grad[6] else None, None, None, None)
+                d_b if ctx.needs_input_grad[6] else None, None, None)
 
 
 def tau_like_input_per_channel(tau: Tensor, shape: torch.Size, sample_major: bool) -> Tensor:

@@ -36,9 +36,21 @@ def test_bench_norm_times_every_mn_variant_under_the_name_the_tables_look_up():
     saved = {r.ratio_name: r.ours for r in rows if r.unit == "MiB"}
     assert saved[mn_ratio_name("memory", "per_channel")] > saved[mn_ratio_name("memory")]
     assert saved[mn_ratio_name("memory", "layer 0")] < saved[mn_ratio_name("memory")]
-    # fused, a step launches fewer kernels than the eager one dispatches ops
-    launches = {r.ratio_name: r.extra["launches per step"] for r in rows if r.unit == "ms/step"}
-    assert launches[mn_ratio_name("step time", "fused")] < launches[mn_ratio_name("step time")]
+    # fused (compiled), a layer launches fewer kernels than the eager one dispatches ops
+    eager, fused = rows[-2].extra, rows[-1].extra
+    assert 0 < fused["MN launches"] < eager["MN aten ops"]
+    assert fused["MN launches"] == fused["of which generated kernels"] + fused["of which library calls"]
+
+
+def test_bench_norm_fuses_on_a_gpu_only_the_defaults_and_times_them_unfused_too():
+    """Compiling every variant would cost a GPU check minutes: there only the defaults fuse (as a GPU run does)."""
+    import torch
+    from gan.tools.bench import DEFAULT_VARIANT, MN_VARIANTS, norm_variants
+    gpu, cpu = norm_variants(torch.device("cuda")), norm_variants(torch.device("cpu"))
+    assert list(gpu) == [*MN_VARIANTS, "unfused"] and list(cpu) == [*MN_VARIANTS, "fused"]
+    assert gpu[DEFAULT_VARIANT] == {} and gpu["unfused"] == {"model.mn.fuse": "never"}
+    assert all(o["model.mn.fuse"] == "never" for name, o in gpu.items() if name != DEFAULT_VARIANT)
+    assert cpu["fused"] == {"model.mn.fuse": "always"} and all("model.mn.fuse" not in cpu[v] for v in MN_VARIANTS)
 
 
 def test_a_cpu_bench_warns_when_other_processes_keep_the_cores_busy(monkeypatch):

@@ -83,8 +83,8 @@ class MNConfig:
     # (k-means++ seeding on em_samples samples, then em_steps EM iterations), components relabelled to
     # match the previous step's for the running (eval-mode) averages.
     fit: Literal["warm", "fresh"] = "warm"
-    # auto: on a GPU, MN's small per-component maths runs as a few torch.compile'd kernels instead of dozens of
-    # tiny launches (the first steps compile them); always / never force it on or off. Same results up to rounding.
+    # auto: on a GPU, each MN layer runs as a torch.compile'd graph, a few kernels instead of dozens of tiny launches
+    # and their Python (the first steps compile it); always / never force it on or off. Same results up to rounding.
     fuse: Literal["auto", "always", "never"] = key("auto", resumable=True, groups=False)
 
 

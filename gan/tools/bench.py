@@ -3,10 +3,10 @@
 - train: our training step (BN generator) vs a reference loop written the way the classic PyTorch
   DCGAN example is (DataLoader over CPU tensors, fp32, default memory format, `.item()` every step).
 - norm:  our step with MN (K=3, one EM step) vs our step with BN; step time and memory, for each MN variant
-  (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), and the defaults with MN's small
-  maths fused on a CPU (unfused on a GPU), all timed side by side; beside each time, the kernel launches of one
-  step (eager aten ops, plus the kernels Inductor generates for fused regions), a figure that does not depend
-  on the machine.
+  (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), and the defaults with MN fused
+  (compiled, `model.mn.fuse`) on a CPU (unfused on a GPU), all timed side by side; beside each time, the aten ops of one
+  eager step, a figure that does not depend on the machine. Then one layer's host time at a tiny batch, MN
+  eager and fused vs BN, with what each launches.
 - train|norm --compile MODE: the same steps compiled by torch.compile in MODE ("default": kernel fusion;
   "reduce-overhead": CUDA graphs too) vs eager: BN compiled vs eager; MN vs BN both compiled, MN compiled vs eager.
 - eval:  our Inception feature extraction vs a default `torch_fidelity.calculate_metrics` call on the
@@ -30,7 +30,7 @@ from gan.core.config import load_config
 from gan.core.data import ImageData
 from gan.tools.bench_common import Row, alternate, alternate_all, sync, synthetic_data
 from gan.tools.bench_eval import bench_eval
-from gan.tools.op_count import compiled_generator_kernels, count_ops
+from gan.tools.op_count import compiled_generator_kernels, compiled_launches, count_ops
 
 
 def make_trainer(device: str, norm: str, data: ImageData, run_dir: Path, **overrides):
@@ -199,10 +199,14 @@ DEFAULT_VARIANT = next(iter(MN_VARIANTS))
 
 
 def norm_variants(device: torch.device) -> dict[str, dict]:
-    """MN_VARIANTS plus the defaults with MN's small maths fused or not, whichever the device does not do by
-    default (`model.mn.fuse: auto` fuses on a GPU only): the pair measures what fusing is worth there."""
-    other = ("unfused", "never") if device.type == "cuda" else ("fused", "always")
-    return {**MN_VARIANTS, other[0]: {"model.mn.fuse": other[1]}}
+    """MN_VARIANTS plus the defaults with MN fused (compiled) or not, whichever the device does not do by default
+    (`model.mn.fuse: auto` fuses on a GPU only): the pair measures what fusing is worth there. The other variants
+    run eagerly everywhere: compiling each of them would cost a GPU check minutes."""
+    if device.type != "cuda":
+        return {**MN_VARIANTS, "fused": {"model.mn.fuse": "always"}}
+    eager = {name: o if name == DEFAULT_VARIANT else {**o, "model.mn.fuse": "never"}
+             for name, o in MN_VARIANTS.items()}
+    return {**eager, "unfused": {"model.mn.fuse": "never"}}
 
 
 def mn_ratio_name(what: str, variant: str = DEFAULT_VARIANT) -> str:
@@ -214,9 +218,9 @@ def mn_ratio_name(what: str, variant: str = DEFAULT_VARIANT) -> str:
 
 def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, batch_size: int = 64,
                kernels: bool = False) -> list[Row]:
-    """MN's variants against BN: step time, memory, launches per step (aten ops, and fused regions' kernels);
-    with `kernels`, also the kernels Inductor generates for one compiled generator step at width 8, BN and the
-    default MN (tens of seconds to compile)."""
+    """MN's variants against BN: step time, memory, aten ops per eager step; with `kernels`, also the kernels
+    Inductor generates for one compiled generator step at width 8, BN and the default MN (tens of seconds to
+    compile). Then bench_layer_host_time."""
     data = synthetic_data()
     common = {"model.ngf": ngf, "model.ndf": ngf, "train.batch_size": batch_size,
               "model.mn.num_components": 3, "model.mn.em_steps": 1}
@@ -236,14 +240,15 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
             what, peaks = "tensors saved for backward per step", [_activation_bytes(tr) / 2**20 for tr in trainers]
         # On a GPU each aten op is about one kernel launch, and at these sizes launches bound the step: the
         # count tells on any machine what a GPU step will cost. (It includes the optimizer, which a CPU runs
-        # tensor by tensor and a GPU fused: the difference MN - BN is the figure to watch.) MN's fused regions
-        # count as the kernels Inductor generates for them (gan/tools/op_count.py).
+        # tensor by tensor and a GPU fused: the difference MN - BN is the figure to watch.) Compiled code does not
+        # run under the counter: a compiled MN (fuse) counts as its eager code here; bench_layer_host_time counts
+        # what its compiled code launches.
         counts = [count_ops(lambda tr=tr: run_steps(tr, 1)) for tr in trainers]
         compiled = _compiled_kernels(device) if kernels else {}
         rows = []
         for i, name in enumerate(mns):
             label = "(K=3, 1 EM step) " if name == DEFAULT_VARIANT else f"{name} "
-            ops = {"launches per step": counts[i].ops, "BN launches per step": counts[-1].ops,
+            ops = {"aten ops per step": counts[i].ops, "BN aten ops per step": counts[-1].ops,
                    **(compiled if name == DEFAULT_VARIANT else {})}
             rows.append(Row("norm", f"DCGAN step, MN {label}vs BN, batch {batch_size}",
                             t_mn[i] / steps * 1e3, t_bn / steps * 1e3, "ms/step", mn_ratio_name("step time", name),
@@ -256,24 +261,31 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
 def bench_layer_host_time(device: torch.device, repeats: int, calls: int = 100) -> list[Row]:
     """One layer's training forward+backward on a batch so small (4 x 64 x 4 x 4) that the arithmetic is nothing:
     what is left is the host's time to run the layer's code and launch its kernels, which is what an MN layer
-    adds to a launch-bound GPU step. MN eager and fused, each against BN."""
+    adds to a launch-bound GPU step. MN eager and fused (compiled, `fuse`), each against BN (eager, as the trainer runs
+    it), with what each launches: aten ops eagerly, and the compiled code's kernels and library calls."""
     from models.mixture_norm import MixtureNorm2d
     torch.manual_seed(0)
     x = torch.randn(4, 64, 4, 4, device=device).to(memory_format=torch.channels_last).requires_grad_()
     g = torch.randn_like(x)
     layers = [MixtureNorm2d(64, fuse=f).to(device) for f in ("never", "always")] + [nn.BatchNorm2d(64).to(device)]
+    steps = [lambda layer=layer: layer(x).backward(g) for layer in layers]
 
-    def run(layer):
+    def run(step):
         for _ in range(calls):
-            layer(x).backward(g)
+            step()
 
-    for layer in layers:  # the first steps seed the mixture and compile the fused regions
+    for step in steps:  # the first steps seed the mixture and compile
         for _ in range(3):
-            layer(x).backward(g)
-    *t_mn, t_bn = alternate_all([lambda layer=layer: run(layer) for layer in layers], repeats, device)
+            step()
+    *t_mn, t_bn = alternate_all([lambda step=step: run(step) for step in steps], repeats, device)
+    eager_ops, bn_ops = count_ops(steps[0]).ops, count_ops(steps[2]).ops
+    compiled = compiled_launches(steps[1])
+    launches = [{"MN aten ops": eager_ops, "BN aten ops": bn_ops},
+                {"MN launches": compiled.total, "of which generated kernels": compiled.kernels,
+                 "of which library calls": compiled.library, "BN aten ops": bn_ops}]
     return [Row("norm", f"one layer's forward+backward at batch 4x64x4x4 (host-bound), MN {kind} vs BN",
-                t / calls * 1e6, t_bn / calls * 1e6, "us", mn_ratio_name("layer host time", kind), t / t_bn)
-            for kind, t in zip(("eager", "fused"), t_mn)]
+                t / calls * 1e6, t_bn / calls * 1e6, "us", mn_ratio_name("layer host time", kind), t / t_bn, extra)
+            for kind, t, extra in zip(("eager", "fused"), t_mn, launches)]
 
 
 def _compiled_kernels(device: torch.device) -> dict[str, int]:

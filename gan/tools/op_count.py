@@ -8,14 +8,13 @@ counted apart, since each stalls a GPU pipeline.
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode, _disable_current_modes
-
-from models.fused import Region
+from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
@@ -61,52 +60,44 @@ class _Counting(TorchDispatchMode):
 
 
 def count_ops(fn: Callable[[], object]) -> OpCount:
-    """Runs fn() once and counts the aten ops it dispatches (autograd's backward included). MN's fused regions
-    (models/fused.py) count as the kernels Inductor generates for them (`region_kernels`), listed in `by_op` as
-    "region:<name>"; their eager ops are not counted."""
+    """Runs fn() once and counts the aten ops it dispatches (autograd's backward included). Compiled code does not
+    run under the counting mode: MN layers with `fuse` on run their eager code here (see compiled_launches)."""
     count = OpCount()
-
-    def observe(region: Region, args: tuple):
-        with _disable_current_modes():
-            kernels = region_kernels(region, args)
-            out = region.fn(*args)
-        count.ops += kernels
-        count.by_op[f"region:{region.name}"] += kernels
-        return out
-
-    previous, Region.observer = Region.observer, observe
-    try:
-        with _Counting(count):
-            fn()
-    finally:
-        Region.observer = previous
+    with _Counting(count):
+        fn()
     return count
 
 
-_REGION_KERNELS: dict = {}
+@dataclass
+class Launches:
+    """What the code compiled while running a function launches per call: `kernels` Inductor generated (each
+    loop nest counted, as a GPU launches each as a kernel) and `library` calls (GEMMs, and ops Inductor leaves
+    to aten, such as random draws)."""
+    kernels: int
+    library: int
+
+    @property
+    def total(self) -> int:
+        return self.kernels + self.library
 
 
-def region_kernels(region: Region, args: tuple) -> int:
-    """The kernels Inductor generates for one region called with args (cached by the arguments' shapes, dtypes and
-    devices and the other arguments' values): each is one launch per call on a GPU. Compiles the region afresh,
-    which resets torch._dynamo (compiled code elsewhere is recompiled when next called)."""
+_LIBRARY_CALL = re.compile(r"^\s+(?:\w+ = )?(extern_kernels\.\w+|torch\.ops\.\w+\.\w+\.\w+)\(", re.M)
+
+
+def compiled_launches(fn: Callable[[], object]) -> Launches:
+    """Runs fn() once with torch._dynamo reset, so that whatever it runs compiled compiles afresh, and counts what
+    that compiled code launches (forward and backward graphs alike). Compiled code elsewhere in the process is
+    recompiled when next called."""
     import torch._inductor.metrics as metrics
+    from torch._inductor.utils import run_and_get_code
 
-    def signature(a):
-        if isinstance(a, torch.Tensor):
-            return ("T", tuple(a.shape), a.dtype, a.device.type)
-        if isinstance(a, (tuple, list)):
-            return tuple(signature(x) for x in a)
-        return a
-
-    key = (region.name, signature(args))
-    if key not in _REGION_KERNELS:
-        torch._dynamo.reset()
-        metrics.reset()
-        torch.compile(region.fn, fullgraph=True, dynamic=False)(*args)
-        _REGION_KERNELS[key] = metrics.generated_kernel_count
-        torch._dynamo.reset()
-    return _REGION_KERNELS[key]
+    torch._dynamo.reset()
+    metrics.reset()
+    _, codes = run_and_get_code(fn)
+    library = sum(len(_LIBRARY_CALL.findall(code[code.index("def call("):])) for code in codes if "def call(" in code)
+    launches = Launches(metrics.generated_kernel_count, library)
+    torch._dynamo.reset()
+    return launches
 
 
 def generator_ops(G: torch.nn.Module, batch_size: int = 8, seed: int = 0) -> OpCount:
