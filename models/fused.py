@@ -56,6 +56,18 @@ class Region:
             return self.fn(*args)
 
 
+_REGIONS: dict[tuple, Region] = {}
+
+
+def region_for(key: str, fn: Callable) -> Region:
+    """fn's Region for one configuration `key`: MixtureNorm keeps one per layer configuration, width included (the
+    buffers' shapes are static to Dynamo), each holding the few graphs of its layers (training, eval mode, another
+    batch size)."""
+    if (key, fn) not in _REGIONS:
+        _REGIONS[key, fn] = Region(fn)
+    return _REGIONS[key, fn]
+
+
 def resolve(fuse: str, x: torch.Tensor) -> bool:
     """Whether MN runs compiled for input x: "auto" on a GPU only."""
     if fuse == "auto":

@@ -30,9 +30,9 @@ from torch import Tensor
 
 from models import gmm as joint
 from models import gmm_per_channel as pc
-from models.fused import Region, resolve
+from models.fused import region_for, resolve
 from models.gmm import GMM, align, features, scale_of, snapshot, subsample
-from models.mixture_state import candidates, dead_components, next_state, running_transform
+from models.mixture_state import running_transform, write_back
 from models.mixture_transform import (MixtureNormFunction, PerChannelFunction, as_ncl, from_ncl, is_sample_major,
                                       mix_apply, mix_apply_per_channel, normalize_math, normalize_math_per_channel,
                                       tau_like_input_per_channel, viewable)
@@ -157,10 +157,8 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         self.register_buffer("dead_count", torch.zeros(lam_shape, dtype=torch.long, device=device))
         if track_running_stats:
             self.register_buffer("running_lambda", torch.empty(lam_shape, **factory))
-            self.register_buffer("running_mu", torch.empty(k, c, **factory))
-            self.register_buffer("running_sigma2", torch.empty(k, c, **factory))
-            self.register_buffer("running_E", torch.empty(k, c, **factory))
-            self.register_buffer("running_V", torch.empty(k, c, **factory))
+            for name in ("running_mu", "running_sigma2", "running_E", "running_V"):
+                self.register_buffer(name, torch.empty(k, c, **factory))
             self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long, device=device))
         else:
             for name in ("running_lambda", "running_mu", "running_sigma2", "running_E", "running_V",
@@ -217,7 +215,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
 
     def forward(self, input: Tensor) -> Tensor:
         if self._fused(input):
-            return _region(self)(True, self, input)
+            return region_for(self.extra_repr(), _layer_forward)(True, self, input)
         return self._forward(input, None)
 
     def _fused(self, input: Tensor) -> bool:
@@ -306,7 +304,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                 if W is None or iters == 0:
                     W, log_norm, scale = joint.natural_scaled(gmm, *gains)
                 # Each iteration: the E-step's log-densities (one GEMM), the posteriors, their sums (one GEMM),
-                # then the M-step and the next E-step's weights (one region).
+                # then the M-step and the next E-step's weights (fit_step).
                 for it in range(iters):
                     logj = joint.log_joint(Ds, W)
                     S = reduce(joint.moments(joint.posteriors(logj), Ds))
@@ -340,7 +338,10 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                         lam=gmm.lam, mu=gmm.mu + shift, sigma2=gmm.sigma2)
         if update:
             with torch.no_grad():
-                self._update_state(gmm, shift, E, V, n_true, ready, Ds, dist)
+                write_back(self, gmm, shift, E, V, n_true, ready, Ds, dist)
+                if not ready:
+                    self.initialized.fill_(True)
+                    self._ready = True
         return y
 
     def _posteriors(self, D: Tensor, gmm: GMM) -> Tensor:
@@ -348,37 +349,6 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         if self.posteriors == "per_channel":
             return pc.posteriors(pc.log_joint(D, gmm))
         return joint.posteriors(joint.log_joint(D, joint.natural(gmm)))
-
-    def _update_state(self, gmm: GMM, shift, E, V, n_true, ready: bool, Ds, dist) -> None:
-        """Writes back the GMM (with dead components reseeded) and the running statistics, all in one copy.
-
-        gmm is centered (on shift), E in input units; Ds are EM's features and dist what the last E-step
-        measured on them (None when em_steps == 0, which also freezes the GMM).
-        """
-        bufs, values, reseed = [], [], None
-        if dist is not None:
-            if self.posteriors == "per_channel":  # eagerly; it counts dead steps in dead_count itself
-                gmm = pc.reseed(gmm, self.dead_count, dist, Ds, self.lambda_min, self.dead_steps,
-                                self._first_rank_only)
-            else:
-                dead, low, again, d2 = dead_components(gmm.lam, self.dead_count, *dist, self.lambda_min,
-                                                       self.dead_steps)
-                reseed = (low, again, self._first_rank_only(candidates(Ds, d2, self.num_components)))
-                bufs.append(self.dead_count)
-                values.append(dead)
-        track = self.track_running_stats
-        running = ((self.running_lambda, self.running_mu, self.running_sigma2, self.running_E, self.running_V)
-                   if track else None)
-        store, moved = next_state(gmm, reseed, shift, E, V, n_true, running,
-                                  self.num_batches_tracked if track else None, self.momentum, ready)
-        bufs += [self.gmm_lambda, self.gmm_mu, self.gmm_sigma2]
-        if track:
-            bufs += [*running, self.num_batches_tracked]
-        values += [*store, *(moved or ())]
-        torch._foreach_copy_(bufs, values)
-        if not ready:
-            self.initialized.fill_(True)
-            self._ready = True
 
     def _running_forward(self, X: Tensor, info: Optional[dict]) -> Tensor:
         """Eval mode: running GMM posteriors and running E_k, V_k; no batch dependence."""
@@ -408,17 +378,6 @@ class MixtureNorm(SyncedStatistics, nn.Module):
 def _layer_forward(layer: MixtureNorm, input: Tensor) -> Tensor:
     return layer._forward(input, None)
 
-
-# One compiled region per layer configuration, width included (the buffers' shapes are static to Dynamo): each
-# holds the few graphs of its layers (training, eval mode, another batch size).
-_REGIONS: dict[str, Region] = {}
-
-
-def _region(layer: MixtureNorm) -> Region:
-    key = layer.extra_repr()
-    if key not in _REGIONS:
-        _REGIONS[key] = Region(_layer_forward)
-    return _REGIONS[key]
 
 
 class MixtureNorm2d(MixtureNorm):

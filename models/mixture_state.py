@@ -1,7 +1,7 @@
 """What an MN layer keeps between steps: the state a training step writes back
 (the mixture, dead components reseeded, BatchNorm-like running averages) and the eval-mode transform's
-coefficients read from it. The layer (models/mixture_norm.py) copies the values into its buffers in one
-call; the maths is docs/mixture-normalization.md, "Running estimates".
+coefficients read from it. `next_state` computes the new values and `write_back` copies them into the
+layer's buffers in one call; the maths is docs/mixture-normalization.md, "Running estimates".
 """
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from models.gmm import GMM, TINY, is_rows, centered, mixture_mean, scale_of
+from models import gmm_per_channel as pc
+from models.gmm import GMM, TINY, centered, is_rows, mixture_mean, scale_of
 from models.mixture_transform import coefficients
 
 
@@ -87,6 +88,35 @@ def next_state(fitted: GMM, reseed: Optional[tuple], shift: Tensor, E: Tensor, V
     else:
         moved = [torch.lerp(a, b, f) for a, b in zip(olds, news)]
     return store, (*(moved[:3] if ready else fit), *moved[-2:], count)
+
+
+def write_back(layer, gmm: GMM, shift, E, V, n_true, ready: bool, Ds, dist) -> None:
+    """Writes back a MixtureNorm layer's GMM (with dead components reseeded) and running statistics, in one copy.
+
+    gmm is centered (on shift), E in input units; Ds are EM's features and dist what the last E-step
+    measured on them (None when em_steps == 0, which also freezes the GMM).
+    """
+    bufs, values, reseed = [], [], None
+    if dist is not None:
+        if layer.posteriors == "per_channel":  # eagerly; it counts dead steps in dead_count itself
+            gmm = pc.reseed(gmm, layer.dead_count, dist, Ds, layer.lambda_min, layer.dead_steps,
+                            layer._first_rank_only)
+        else:
+            dead, low, again, d2 = dead_components(gmm.lam, layer.dead_count, *dist, layer.lambda_min,
+                                                   layer.dead_steps)
+            reseed = (low, again, layer._first_rank_only(candidates(Ds, d2, layer.num_components)))
+            bufs.append(layer.dead_count)
+            values.append(dead)
+    track = layer.track_running_stats
+    running = ((layer.running_lambda, layer.running_mu, layer.running_sigma2, layer.running_E, layer.running_V)
+               if track else None)
+    store, moved = next_state(gmm, reseed, shift, E, V, n_true, running,
+                              layer.num_batches_tracked if track else None, layer.momentum, ready)
+    bufs += [layer.gmm_lambda, layer.gmm_mu, layer.gmm_sigma2]
+    if track:
+        bufs += [*running, layer.num_batches_tracked]
+    values += [*store, *(moved or ())]
+    torch._foreach_copy_(bufs, values)
 
 
 def running_transform(lam: Tensor, mu: Tensor, sigma2: Tensor, E: Tensor, V: Tensor, weight: Optional[Tensor],

@@ -46,7 +46,7 @@ def _assert_same(eager, fused):
 
 
 @pytest.mark.parametrize("posteriors,momentum", [("joint", 0.1), ("joint", None), ("per_channel", 0.1)])
-def test_fused_regions_compute_what_the_eager_functions_compute(posteriors, momentum, monkeypatch):
+def test_the_fused_layer_computes_what_the_eager_layer_computes(posteriors, momentum, monkeypatch):
     """Five training steps (the first, k-means++ seeding, eager either way), then eval mode."""
     reseeds = []
     reseeded = mixture_state.reseeded
@@ -62,7 +62,7 @@ def test_fused_regions_compute_what_the_eager_functions_compute(posteriors, mome
         assert any(reseeds), "the data never killed a component: the reseeding path went untested"
     torch._dynamo.utils.counters.clear()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # a region that fell back to eager would warn
+        warnings.simplefilter("error")  # a layer that fell back to eager would warn
         fused = _run("always", posteriors, momentum)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0  # it did compile
     _assert_same(eager, fused)
