@@ -28,6 +28,12 @@ import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 
+# What a failed compilation raises (Inductor's own errors come wrapped in BackendCompilerFailed). Other errors are
+# the function's own, and propagate.
+_COMPILE_ERRORS = tuple(c for c in (getattr(torch._dynamo.exc, name, None) for name in
+                                    ("TorchDynamoException", "FailOnRecompileLimitHit")) if c is not None)
+
+
 class Region:
     """A function run eagerly or as one compiled graph (and its backward): `region(fuse, *args)`."""
 
@@ -49,7 +55,7 @@ class Region:
             return self.fn(*args)
         try:
             return self._compiled(*args)
-        except Exception as e:  # noqa: BLE001 - a failed compile falls back; a real error re-raises below
+        except _COMPILE_ERRORS as e:
             self.failed = True
             warnings.warn(f"MN: compiling {self.name} failed, it runs eagerly from now on "
                           f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})", stacklevel=2)

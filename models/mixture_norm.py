@@ -214,6 +214,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
     # -- forward ------------------------------------------------------------------------------
 
     def forward(self, input: Tensor) -> Tensor:
+        self._check_input(input)  # before any compiled code, which cannot raise for bad input
         if self._fused(input):
             return region_for(self.extra_repr(), _layer_forward)(True, self, input)
         return self._forward(input, None)
@@ -233,13 +234,18 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         n = sum_i tau (K,), E, V (K, C) in input units, scale (K,) = 1/sqrt(lambda) or 1, and
         the GMM (lam, mu, sigma2) the posteriors came from. Per-channel posteriors: tau is
         (N, K, C, *), and n, scale and lam are (K, C)."""
+        self._check_input(input)
         info: dict = {}
         return self._forward(input, info), info
 
-    def _forward(self, input: Tensor, info: Optional[dict]) -> Tensor:
+    def _check_input(self, input: Tensor) -> None:
         self._check_input_dim(input)
         if input.shape[1] != self.num_features:
             raise ValueError(f"expected {self.num_features} channels, got {input.shape[1]}")
+        if self.training and input.numel() == input.shape[1] and self._world()[0] == 1:
+            raise ValueError("Expected more than 1 value per channel when training")
+
+    def _forward(self, input: Tensor, info: Optional[dict]) -> Tensor:
         dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
         # Statistics in float32 even under autocast: EM and variances in bf16 are useless.
         with torch.autocast(device_type=input.device.type, enabled=False):
@@ -273,8 +279,6 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         with torch.no_grad():
             X3 = as_ncl(X.detach(), sm)
             N, C, L = X3.shape
-            if update and N * L == 1 and world == 1:
-                raise ValueError("Expected more than 1 value per channel when training")
             if ready:
                 gmm = GMM(self.gmm_lambda.to(dtype), self.gmm_mu.to(dtype), self.gmm_sigma2.to(dtype))
                 if update and torch.compiler.is_compiling():  # the buffers change before backward

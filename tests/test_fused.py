@@ -99,3 +99,15 @@ def test_a_region_that_cannot_compile_warns_once_and_runs_eagerly():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert torch.equal(r(True, x), x * 2)
+
+
+def test_bad_input_is_refused_before_the_compiled_code_and_the_layer_stays_compiled():
+    import models.fused as fused
+    m = MixtureNorm2d(4, fuse="always")
+    for _ in range(2):  # seeded eagerly, then compiled
+        m(torch.randn(8, 4, 2, 2))
+    with pytest.raises(ValueError, match="expected 4 channels, got 3"):
+        m(torch.randn(8, 3, 2, 2))
+    with pytest.raises(ValueError, match="more than 1 value per channel"):
+        m(torch.randn(1, 4, 1, 1))
+    assert fused._REGIONS and not any(r.failed for r in fused._REGIONS.values())
