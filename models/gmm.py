@@ -16,7 +16,6 @@ from typing import Callable, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-
 # Keeps k-means++ sampling weights a valid distribution when every distance is 0
 # (constant data): the draw then falls back to uniform.
 TINY = 1e-20

@@ -320,14 +320,13 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         # Posteriors of every sample under the fitted GMM, then the transform.
         if self.detach_posteriors:
             with torch.no_grad():
-                tau = (pc.posteriors(pc.log_joint(D, gmm)) if per_channel
-                       else joint.posteriors(joint.log_joint(D, W)))
+                tau = self._posteriors(D, gmm, W)
             fn = PerChannelFunction if per_channel else MixtureNormFunction
             y, E, V, n_true = fn.apply(X, D, shift, tau, scale, weight, bias, self.eps, reduce)  # E in input units
         else:
             X3 = as_ncl(X, sm)
             Dg = features(X3, shift)  # differentiable in x
-            tau = self._posteriors(Dg, gmm)
+            tau = self._posteriors(Dg, gmm, W)
             normalize = normalize_math_per_channel if per_channel else normalize_math
             y, st = normalize(X3, Dg, shift, tau, scale, weight, bias, self.eps,
                               lambda t: self._all_reduce(t, differentiable=True))
@@ -348,11 +347,12 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                     self._ready = True
         return y
 
-    def _posteriors(self, D: Tensor, gmm: GMM) -> Tensor:
-        """tau of the samples of the features D under gmm (centered like D)."""
+    def _posteriors(self, D: Tensor, gmm: GMM, W: Optional[Tensor]) -> Tensor:
+        """tau of the samples of the features D under gmm (centered like D); a joint mixture's E-step weights W
+        (joint.natural(gmm)) come with it."""
         if self.posteriors == "per_channel":
             return pc.posteriors(pc.log_joint(D, gmm))
-        return joint.posteriors(joint.log_joint(D, joint.natural(gmm)))
+        return joint.posteriors(joint.log_joint(D, W))
 
     def _running_forward(self, X: Tensor, info: Optional[dict]) -> Tensor:
         """Eval mode: running GMM posteriors and running E_k, V_k; no batch dependence."""
@@ -365,7 +365,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                                                        weight, bias, self.eps, self.lambda_min, self.prior_scaling)
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.detach_posteriors):
             D = features(X, shift)
-            tau = self._posteriors(D, gmm) if per_channel else joint.posteriors(joint.log_joint(D, W))
+            tau = self._posteriors(D, gmm, W)
         if info is not None:
             tau_out = (tau_like_input_per_channel(tau.detach(), shape, sm) if per_channel
                        else from_ncl(tau.detach(), (shape[0], tau.shape[1], *shape[2:]), sm))
@@ -381,7 +381,6 @@ class MixtureNorm(SyncedStatistics, nn.Module):
 
 def _layer_forward(layer: MixtureNorm, input: Tensor) -> Tensor:
     return layer._forward(input, None)
-
 
 
 class MixtureNorm2d(MixtureNorm):

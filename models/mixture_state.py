@@ -62,7 +62,7 @@ def next_state(fitted: GMM, reseed: Optional[tuple], shift: Tensor, E: Tensor, V
     _V; count = num_batches_tracked) their new values and count + 1.
 
     fitted: the step's fit (centered on shift), or a per-channel one already reseeded; reseed: (low, again,
-    cand) for the joint reseeding (models/gmm.py). E in input units; n_true = sum_i tau_ik, (K,) or (K, C).
+    cand) for the joint reseeding (dead_components, candidates, reseeded above). E in input units; n_true = sum_i tau_ik, (K,) or (K, C).
     """
     gmm = fitted if reseed is None else reseeded(fitted, *reseed)
     store = (gmm.lam, gmm.mu + shift, gmm.sigma2)
