@@ -4,6 +4,9 @@ Stages in this order, most needed first, so that a time cap on the whole check c
 each is timed and written to OUTDIR/summary.json as soon as it ends (a stage that fails is recorded and
 the next one still runs):
   environment      torch, CUDA, the GPU's name and memory
+  warm_up          one MN run of a few steps, alone: it compiles the fused MN layers (model.mn.fuse auto, on a
+                   GPU) into Inductor's on-disk cache, so that the probe's runs time steps rather than ten
+                   compilations at once, and times what a run's first steps cost beyond steady ones
   probe            step time of BN and MN runs trained J at a time on one device, through
                    `cli.py study --budget-minutes`: with fid_timing, what a GPU study is sized from
                    (scripts/size_study.py reads both from summary.json)
@@ -163,6 +166,33 @@ def fid_timing(device: str, test_data: str, weights: str | None, sizes: list[int
     return out
 
 
+WARM_UP_STEPS = 8  # MN seeds its mixture at step 1 (eagerly) and compiles at step 2; the last 3 are steady
+
+
+def warm_up(check: Check, env: dict, outdir: Path, data: str, extra_sets: list[str]) -> dict:
+    """One MN run of WARM_UP_STEPS steps, timed step by step (log.every=1 synchronises each): the seconds its
+    first steps took beyond steady ones (compilation, first-call set-up) and the command's wall time (imports,
+    data, steps). scripts/size_study.py adds the first to a study's start-up, as if the cache were cold."""
+    run = outdir / "warm-up"
+    argv = [sys.executable, str(ROOT / "cli.py"), "train", "--config", str(ROOT / "configs" / "study-gpu.yaml"),
+            "--norm", "mn", "--steps", str(WARM_UP_STEPS), "--out", str(run), "--overwrite", "--quiet"]
+    for s in ["data.source=folder", f"data.path={data}", "eval.every=0", "log.every=1", "log.sample_every=0",
+              "ckpt.every=0"] + extra_sets:
+        argv += ["--set", s]
+    t0 = time.monotonic()
+    code, _ = check.run(argv, env=env)
+    wall = time.monotonic() - t0
+    if code:
+        raise RuntimeError(f"warm-up run exit {code}")
+    from gan.core.run_folder import RunFolder
+    step_s = [r["sec_per_step"] for r in RunFolder(run).read_metrics() if "sec_per_step" in r]
+    if len(step_s) != WARM_UP_STEPS:
+        raise RuntimeError(f"warm-up run logged {len(step_s)} step times, not {WARM_UP_STEPS}")
+    steady = statistics.median(step_s[-3:])
+    return {"wall_seconds": round(wall, 1), "step_seconds": [round(t, 4) for t in step_s],
+            "first_steps_extra_seconds": round(sum(step_s) - steady * len(step_s), 2)}
+
+
 def concurrent_runs(check: Check, env: dict, outdir: Path, name: str, data: str, test_data: str,
                     weights: str | None, minutes: float, jobs: int, variants: dict, seeds: int,
                     extra_sets: list[str]) -> dict:
@@ -261,6 +291,11 @@ def summary_markdown(s: dict) -> str:
     env = st.get("environment", {})
     if env.get("ok"):
         lines += ["", "## Environment", ""] + [f"- {k}: {v}" for k, v in env.items() if k not in ("ok", "seconds")]
+    w = st.get("warm_up", {})
+    if w.get("ok"):
+        lines += ["", "## One MN run's first steps, alone", "",
+                  f"Seconds per step: {w['step_seconds']}; beyond steady ones (compilation, set-up): "
+                  f"{w['first_steps_extra_seconds']} s; the whole command: {w['wall_seconds']} s."]
     f = st.get("fid_timing", {})
     if f.get("ok"):
         lines += ["", "## FID/KID wall time (generation + Inception + statistics)", "",
@@ -350,6 +385,7 @@ def main() -> int:
     # correctness tests, which CI's CPU twins partly cover, and last the study's nine runs together.
     stages = [
         ("environment", lambda: environment(device)),
+        ("warm_up", lambda: warm_up(check, env, out, data, size["probe_set"])),
         ("probe", lambda: probe(check, env, out, data, test_data, weights, size["probe_minutes"], size["jobs"],
                                 size["probe_set"])),
         # The dry run (CI) never touches the network; a GPU box may try torch-fidelity's download once.

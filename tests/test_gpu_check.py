@@ -23,12 +23,15 @@ def test_gpu_check_cpu_dry_run_runs_every_stage(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     stages = summary["stages"]
     # Most needed first: the study's sizing, the speed ratios, the CUDA tests, the study's runs together.
-    assert list(stages) == ["environment", "probe", "fid_timing", "bench", "bench_compiled", "cuda_tests",
+    assert list(stages) == ["environment", "warm_up", "probe", "fid_timing", "bench", "bench_compiled", "cuda_tests",
                             "concurrent"]
     assert all(s["ok"] for s in stages.values()), {k: s.get("error") for k, s in stages.items()}
     # On a CPU every CUDA test is collected and reported as skipped, never hidden.
     counts = stages["cuda_tests"]["counts"]
     assert counts.get("skipped", 0) >= 5 and not counts.get("passed") and not counts.get("failed")
+    warm = stages["warm_up"]  # one MN run alone, timed step by step
+    assert len(warm["step_seconds"]) == 8 and all(t > 0 for t in warm["step_seconds"])
+    assert warm["wall_seconds"] > sum(warm["step_seconds"]) - 0.1
     probe = stages["probe"]
     assert probe["bn"]["sec_per_step"] > 0 and probe["mn"]["sec_per_step"] > 0
     assert all(s > 0 for s in probe["bn"]["steps"] + probe["mn"]["steps"])
@@ -48,13 +51,14 @@ def test_gpu_check_cpu_dry_run_runs_every_stage(tmp_path):
     expected = sum(1 / concurrent[v]["sec_per_step"] for v in ("bn", "mn", "mn-layer0"))
     assert concurrent["steps_per_second"] == pytest.approx(expected)
     md = (out / "summary.md").read_text()
-    for heading in ("## Environment", "## CUDA tests", "## FID/KID wall time", "## Step time with 2 runs",
+    for heading in ("## Environment", "## One MN run's first steps", "## CUDA tests", "## FID/KID wall time", "## Step time with 2 runs",
                     "## bench (eager)", "## bench --compile", "## The study's runs, 3 at once"):
         assert md.count(heading) == 1
     assert (out / "log.txt").stat().st_size > 0
     # What the study is sized from reads this check's summary.json.
     sets, why = size_study.size(summary, budget_minutes=1000, evals=1)
     assert sets["train.steps"] > 0 and why["mn_sec_per_step"] == probe["mn"]["sec_per_step"]
+    assert why["first_steps_s"] == warm["first_steps_extra_seconds"]
 
 
 def test_gpu_check_refuses_a_machine_without_cuda_unless_dry_run(tmp_path):
@@ -77,6 +81,18 @@ def test_size_study_fits_the_slowest_variant_into_the_budget():
     assert why["train_s"] == 155.0
     assert sets == {"train.steps": 7200, "eval.every": 1200, "ckpt.every": 1200, "log.sample_every": 1200}
     assert sets["train.steps"] * 0.02 + 6 * why["eval_s"] + why["reference_s"] <= 6 * 60
+
+
+def test_size_study_takes_the_warm_up_runs_first_steps_out_of_the_training_time():
+    """What an MN run's first steps cost beyond steady ones (compiling its fused layers) comes off the training
+    time; a check without those numbers sizes as before."""
+    summary = _summary(mn_sps=0.02, fid10k_s=8.0, fid50k_s=30.0)
+    summary["stages"]["warm_up"] = {"ok": True, "first_steps_extra_seconds": 40.0}
+    sets, why = size_study.size(summary, budget_minutes=6, evals=6)
+    assert why["train_s"] == 155.0 - 40.0 and why["first_steps_s"] == 40.0
+    assert sets["train.steps"] == 5400  # 115 s / 0.02 = 5750 steps, 958 per evaluation -> 900
+    summary["stages"]["warm_up"] = {"ok": False, "error": "RuntimeError: warm-up run exit 1"}
+    assert size_study.size(summary, budget_minutes=6, evals=6)[1]["train_s"] == 155.0
 
 
 def test_size_study_refuses_a_budget_with_no_training_time():
