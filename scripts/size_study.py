@@ -14,8 +14,8 @@ images cost about as much as scoring 50k generated images, which the check timed
 under concurrency is taken as 2.5 times its measured time alone (Inception on the shared GPU, FID's
 matrix square root and KID's kernels on the CPU cores the runs share), an estimate that the study's
 own logs then check. "First steps" is what an MN run's first steps cost beyond steady ones, compiling
-its fused layers above all, as the check's warm-up run measured it alone with a cold compile cache (the
-runs of a study on the same machine may find the cache warm: S errs on the safe side again).
+its fused layers above all, as the check's warm-up run measured it alone (on a fresh machine, with
+Inductor's cache cold; a study's runs on the same machine may find it warm: S errs on the safe side).
 """
 from __future__ import annotations
 
@@ -48,8 +48,7 @@ def size(summary: dict, budget_minutes: float, evals: int, round_to: int = 100) 
     every = max(round_to, int(train_s / mn_sps / evals) // round_to * round_to)
     sets = {"train.steps": every * evals, "eval.every": every, "ckpt.every": every, "log.sample_every": every}
     why = {"mn_sec_per_step": mn_sps, "reference_s": round(ref_s, 1), "first_steps_s": first_s,
-           "eval_s": round(eval_s, 1),
-           "train_s": round(train_s, 1), "evals": evals, **sets}
+           "eval_s": round(eval_s, 1), "train_s": round(train_s, 1), "evals": evals, **sets}
     return sets, why
 
 
