@@ -18,7 +18,7 @@ from models.mixture_transform import coefficients
 # Dead components, branch-free (no device->host sync): every step draws one k-means++ candidate per
 # component, with probability proportional to the (Mahalanobis) distance to the nearest live component;
 # only components dead for dead_steps consecutive steps take theirs. In three parts: the weights of the draw,
-# the draw, and (in next_state) the new components.
+# the draw, and the new components.
 
 
 def dead_components(lam: Tensor, dead_count: Tensor, logj: Tensor, log_norm: Tensor, lambda_min: float,
@@ -55,16 +55,16 @@ def reseeded(gmm: GMM, low: Tensor, again: Tensor, cand: Tensor) -> GMM:
     return GMM(lam / lam.sum(), torch.where(again, cand, gmm.mu), torch.where(again, width, gmm.sigma2))
 
 
-def next_state(fitted: GMM, reseed: Optional[tuple], shift: Tensor, E: Tensor, V: Tensor, n_true: Tensor,
+def next_state(fitted: GMM, kept: Optional[GMM], shift: Tensor, E: Tensor, V: Tensor, n_true: Tensor,
                running: Optional[tuple], count: Optional[Tensor], momentum: Optional[float], ready: bool):
     """The buffers' values after a training step: the mixture to warm-start the next step from (lam, mu, sigma2,
     mu in input units), and with running statistics (running = the buffers running_lambda, _mu, _sigma2, _E,
     _V; count = num_batches_tracked) their new values and count + 1.
 
-    fitted: the step's fit (centered on shift), or a per-channel one already reseeded; reseed: (low, again,
-    cand) for the joint reseeding (dead_components, candidates, reseeded above). E in input units; n_true = sum_i tau_ik, (K,) or (K, C).
+    fitted: the step's fit, centered on shift; kept: fitted with its dead components re-seeded, the mixture the
+    next step starts from (None: fitted itself). E in input units; n_true = sum_i tau_ik, (K,) or (K, C).
     """
-    gmm = fitted if reseed is None else reseeded(fitted, *reseed)
+    gmm = fitted if kept is None else kept
     store = (gmm.lam, gmm.mu + shift, gmm.sigma2)
     if running is None:
         return store, None
@@ -73,7 +73,7 @@ def next_state(fitted: GMM, reseed: Optional[tuple], shift: Tensor, E: Tensor, V
     # momentum None: a cumulative average, 1/count (a device value: no host read).
     f = 1.0 / count.to(E.dtype) if momentum is None else momentum
     # The running GMM averages the fits, before any reseeding.
-    fit = (fitted.lam, fitted.mu + shift if reseed is not None else store[1], fitted.sigma2)
+    fit = (fitted.lam, store[1] if kept is None else fitted.mu + shift, fitted.sigma2)
     # BN's update with its unbiased correction n/(n-1), n_k = sum_i tau_ik; a component with too little mass
     # for the correction (n_k <= 2) keeps its values: its targets are the running values themselves, which
     # lerp returns exactly (the non-finite corrections of n_k <= 1 are never selected). (Per-channel
@@ -96,21 +96,21 @@ def write_back(layer, gmm: GMM, shift, E, V, n_true, ready: bool, Ds, dist) -> N
     gmm is centered (on shift), E in input units; Ds are EM's features and dist what the last E-step
     measured on them (None when em_steps == 0, which also freezes the GMM).
     """
-    bufs, values, reseed = [], [], None
+    bufs, values, kept = [], [], None
     if dist is not None:
-        if layer.posteriors == "per_channel":  # eagerly; it counts dead steps in dead_count itself
-            gmm = pc.reseed(gmm, layer.dead_count, dist, Ds, layer.lambda_min, layer.dead_steps,
-                            layer._first_rank_only)
+        if layer.posteriors == "per_channel":  # it counts dead steps in dead_count itself
+            kept = pc.reseed(gmm, layer.dead_count, dist, Ds, layer.lambda_min, layer.dead_steps,
+                             layer._first_rank_only)
         else:
             dead, low, again, d2 = dead_components(gmm.lam, layer.dead_count, *dist, layer.lambda_min,
                                                    layer.dead_steps)
-            reseed = (low, again, layer._first_rank_only(candidates(Ds, d2, layer.num_components)))
+            kept = reseeded(gmm, low, again, layer._first_rank_only(candidates(Ds, d2, layer.num_components)))
             bufs.append(layer.dead_count)
             values.append(dead)
     track = layer.track_running_stats
     running = ((layer.running_lambda, layer.running_mu, layer.running_sigma2, layer.running_E, layer.running_V)
                if track else None)
-    store, moved = next_state(gmm, reseed, shift, E, V, n_true, running,
+    store, moved = next_state(gmm, kept, shift, E, V, n_true, running,
                               layer.num_batches_tracked if track else None, layer.momentum, ready)
     bufs += [layer.gmm_lambda, layer.gmm_mu, layer.gmm_sigma2]
     if track:

@@ -136,6 +136,8 @@ def test_collapsed_component_is_finite_and_reseeded(em_samples):
     # Dead for dead_steps steps -> reseeded k-means++ style: at one of the batch's samples,
     # with its weight restored.
     assert int(m.dead_count[2]) == 0 and m.gmm_lambda[2] > 0.1
+    # The running mixture averages the fits (component 2 weightless), not the re-seeded mixture.
+    assert m.running_lambda[2] < 1e-3
     dist_to_samples = (x.permute(0, 2, 3, 1).reshape(-1, c) - m.gmm_mu[2]).abs().amax(1)
     # Exactly a sample when EM sees the whole batch. With a subsample EM's samples are x - shift, so the
     # seed is (x - shift) + shift, within u (|x - shift| + |x|) <= u (2 |x| + |shift|) of x, u = float32's

@@ -282,6 +282,9 @@ def test_collapsed_component_stays_finite(posteriors, fit):
         assert torch.equal(m.running_E[2], E2) and torch.equal(m.running_V[2], V2)
         # Dead in every channel for dead_steps steps: reseeded at one of its channel's values.
         assert (m.dead_count == 0).all() and (m.gmm_lambda[2] > 0.1).all()
+        # The running mixture averages the fits, in which component 2 has no weight, not the re-seeded mixture
+        # (one step of momentum 0.1 towards a weight of over 0.1 would give over 0.01).
+        assert (m.running_lambda[2] < 1e-3).all()
         rows = x.movedim(1, -1).reshape(-1, c)
         assert ((m.gmm_mu[2][None] - rows).abs().amin(0) < 1e-4).all()
     m.eval()
