@@ -142,17 +142,12 @@ def input_grad_coefficients(st: Stats, shift: Tensor, gy: Tensor, hc: Tensor) ->
     return b, torch.mul(b, ebar).addcmul_(Pn, gy, value=-1.0)
 
 
-def local_grads(gy: Tensor, m_tmp: Tensor, center: Tensor, sr: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """From this process's sums gy = sum_i tau_ik dy_i and m_tmp = sum_i tau_ik dy_i x_i: hc of
-    input_grad_coefficients, and the gradients of gamma and beta (sum_k tau_ik = 1)."""
-    hc = torch.addcmul(m_tmp, center, gy, value=-1.0)
-    return hc, (sr * hc).sum(0), gy.sum(0)
-
-
 def backward_coefficients(st: Stats, shift: Tensor, gy: Tensor, m_tmp: Tensor, reduce: Reduce):
-    """(d_weight, d_bias, b, alpha) of a transform's backward. Like SyncBatchNorm: the parameters' gradients
-    stay local (DDP averages them), the sums feeding the input gradient are global."""
-    hc, d_w, d_b = local_grads(gy, m_tmp, st.center, st.sr)
+    """(d_weight, d_bias, b, alpha) of a transform's backward, from this process's sums gy = sum_i tau_ik dy_i
+    and m_tmp = sum_i tau_ik dy_i x_i. Like SyncBatchNorm: the parameters' gradients stay local (DDP averages
+    them), the sums feeding the input gradient are global."""
+    hc = torch.addcmul(m_tmp, st.center, gy, value=-1.0)  # hc of input_grad_coefficients
+    d_w, d_b = (st.sr * hc).sum(0), gy.sum(0)  # sum_k tau_ik = 1
     if reduce is not identity:
         gy, hc = reduce(torch.cat([gy, hc], 1)).split(gy.shape[1], 1)
     return (d_w, d_b, *input_grad_coefficients(st, shift, gy, hc))

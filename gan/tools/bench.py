@@ -110,10 +110,6 @@ def bench_train(device: torch.device, steps: int, repeats: int, ngf: int = 64, b
                 t_ref / steps * 1e3, "ms/step", "speed-up vs reference loop", t_ref / t_ours)]
 
 
-# torch.compile modes `bench train|norm --compile` takes (train.compile_mode's, less auto).
-COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
-
-
 def _warm_up(trainer, steps: int = 4) -> float:
     """Seconds of a compiled trainer's first `steps` steps, left out of its timing: the first runs eagerly by
     design (gan/core/step.py says why), the second compiles, and under CUDA graphs the next ones record."""
@@ -332,7 +328,7 @@ class BenchOptions:
     eval_images: int = 250   # generated (and as many real) images for eval
     weights: str | None = None  # Inception weights for eval
     kernels: bool = False    # norm: also count the kernels of a compiled generator step (slow to compile)
-    compile: str | None = None  # train, norm: a torch.compile mode (COMPILE_MODES), compiled step vs eager
+    compile: str | None = None  # train, norm: a torch.compile mode (train.compile_mode's, less auto) vs eager
 
 
 # name -> benchmark, in the order `bench all` runs them.

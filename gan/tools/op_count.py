@@ -120,16 +120,12 @@ def compiled_generator_kernels(G: torch.nn.Module, batch_size: int = 8, seed: in
     Inductor's code for G's device: its CPU code fuses somewhat differently from its GPU code. Resets
     torch._dynamo (compiled code elsewhere in the process is recompiled when next called) and takes tens of
     seconds on a few cores."""
-    import torch._inductor.metrics as metrics
-
     device = next(G.parameters()).device
     z = torch.randn(batch_size, G.z_dim, generator=torch.Generator().manual_seed(seed)).to(device)
     G.to(memory_format=torch.channels_last).train()
     G(z)
-    torch._dynamo.reset()
-    metrics.reset()
-    y = torch.compile(G)(z)
-    y.backward(torch.ones_like(y))
-    count = metrics.generated_kernel_count
-    torch._dynamo.reset()
-    return count
+
+    def step():
+        y = torch.compile(G)(z)
+        y.backward(torch.ones_like(y))
+    return compiled_launches(step).kernels
