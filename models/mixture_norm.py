@@ -305,8 +305,10 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                     gmm, dist = pc.em_step(Ds, gmm, self.var_floor, self.eps, reduce, want_dist=it == iters - 1)
                 scale = scale_of(gmm.lam, *gains)
             else:
-                if W is None or iters == 0:
+                if W is None:
                     W, log_norm, scale = joint.natural_scaled(gmm, *gains)
+                elif iters == 0:  # the stored mixture kept as it is: centered gave its W
+                    scale = scale_of(gmm.lam, *gains)
                 # Each iteration: the E-step's log-densities (one GEMM), the posteriors, their sums (one GEMM),
                 # then the M-step and the next E-step's weights (fit_step).
                 for it in range(iters):
