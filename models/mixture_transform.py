@@ -142,12 +142,14 @@ def input_grad_coefficients(st: Stats, shift: Tensor, gy: Tensor, hc: Tensor) ->
     return b, torch.mul(b, ebar).addcmul_(Pn, gy, value=-1.0)
 
 
-def backward_coefficients(st: Stats, shift: Tensor, gy: Tensor, m_tmp: Tensor, reduce: Reduce):
+def backward_coefficients(st: Stats, shift: Tensor, gy: Tensor, m_tmp: Tensor, reduce: Reduce, input_grad: bool):
     """(d_weight, d_bias, b, alpha) of a transform's backward, from this process's sums gy = sum_i tau_ik dy_i
-    and m_tmp = sum_i tau_ik dy_i x_i. Like SyncBatchNorm: the parameters' gradients stay local (DDP averages
-    them), the sums feeding the input gradient are global."""
+    and m_tmp = sum_i tau_ik dy_i x_i; b and alpha None without input_grad. Like SyncBatchNorm: the parameters'
+    gradients stay local (DDP averages them), the sums feeding the input gradient are global."""
     hc = torch.addcmul(m_tmp, st.center, gy, value=-1.0)  # hc of input_grad_coefficients
     d_w, d_b = (st.sr * hc).sum(0), gy.sum(0)  # sum_k tau_ik = 1
+    if not input_grad:  # nor the all-reduce: every process skips it alike
+        return d_w, d_b, None, None
     if reduce is not identity:
         gy, hc = reduce(torch.cat([gy, hc], 1)).split(gy.shape[1], 1)
     return (d_w, d_b, *input_grad_coefficients(st, shift, gy, hc))
@@ -223,7 +225,7 @@ class MixtureNormFunction(torch.autograd.Function):
         tmp = dy * X
         st = Stats(None, n, c, E, None, Ve, sr, center, P, None)
         d_w, d_b, b, alpha = backward_coefficients(st, shift, moments(tau, dy), moments(tau, tmp),
-                                                   ctx.reduce)
+                                                   ctx.reduce, ctx.needs_input_grad[0])
         d_x = None
         if ctx.needs_input_grad[0]:
             d_x = torch.empty_like(X_in)
@@ -289,7 +291,8 @@ class PerChannelFunction(torch.autograd.Function):
         tdy = tau * dy
         gy = tdy.sum((1, 3))
         st = Stats(None, n, c, E, None, Ve, sr, center, P, None)
-        d_w, d_b, b, alpha = backward_coefficients(st, shift, gy, tdy.mul_(X).sum((1, 3)), ctx.reduce)
+        d_w, d_b, b, alpha = backward_coefficients(st, shift, gy, tdy.mul_(X).sum((1, 3)), ctx.reduce,
+                                                   ctx.needs_input_grad[0])
         d_x = None
         if ctx.needs_input_grad[0]:
             bc = pc.bcast

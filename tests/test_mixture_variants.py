@@ -294,3 +294,31 @@ def test_collapsed_component_stays_finite(posteriors, fit):
     x[:4] = 0.7
     m = _mn(c, posteriors, fit)
     assert_trains_finite(m, x)
+
+
+@pytest.mark.parametrize("posteriors", ["joint", "per_channel"])
+def test_backward_all_reduces_only_for_the_input_gradient(posteriors):
+    """Like SyncBatchNorm, the backward's global sums feed the input gradient only: for an input that needs
+    none, the parameters' gradients are the same and the backward all-reduces nothing (every process skips
+    it alike). A counting identity stands in for the all-reduce of several processes."""
+    reduced = []
+
+    def counting(t):
+        reduced.append(t.shape)
+        return t
+
+    base = _mn(4, posteriors, "warm").double()
+    x = torch.randn(3, 4, 2, 3, dtype=torch.float64) * 2
+    base(x)  # fit once: both steps below start from the same mixture
+    g = torch.randn_like(x)
+    grads = {}
+    for input_grad in (True, False):
+        m = copy.deepcopy(base)
+        m._reducer = lambda: counting
+        torch.manual_seed(1)
+        y = m(x.clone().requires_grad_(input_grad))
+        reduced.clear()
+        (y * g).sum().backward()
+        grads[input_grad] = (m.weight.grad, m.bias.grad, len(reduced))
+    assert grads[True][2] == 1 and grads[False][2] == 0
+    torch.testing.assert_close(grads[False][:2], grads[True][:2], **TOL64)
