@@ -283,6 +283,33 @@ def test_evaluation_without_an_evaluator_fails_at_construction(tiny_config):
     assert made == []  # the evaluator is made at the first evaluation, not before
 
 
+class _ConstantEvaluator:
+    """Stands in for Inception: every evaluation scores the same (keep_evaluated must not depend on FID)."""
+
+    def inception_outputs(self, images, on_device=False):
+        return torch.zeros(len(images), 4), None
+
+    def score_features(self, feats, logits=None):
+        return {"fid": 1.0, "kid_mean": 0.0, "kid_std": 0.0}
+
+
+def test_eval_at_and_keep_evaluated_keep_every_evaluation_checkpoint(tiny_config):
+    # Evaluations at 3 (eval.at), every 8 steps, and the last step; checkpoints every 5, newest 2 rotated.
+    cfg = tiny_config(**{"train.steps": 20, "eval.every": 8, "eval.at": [3], "ckpt.every": 5, "ckpt.keep": 2,
+                         "ckpt.keep_evaluated": True})
+    Trainer(cfg, progress=False, make_evaluator=lambda *args: _ConstantEvaluator()).run()
+    run = cfg.resolved_run_dir
+    evaluated = [json.loads(l)["step"] for l in (run / "metrics.jsonl").read_text().splitlines() if "fid" in l]
+    assert evaluated == [3, 8, 16, 20]
+    kept = sorted(int(p.stem.split("_")[1]) for p in (run / "checkpoints").glob("step_*.pt"))
+    assert kept == [3, 8, 15, 16, 20]  # every evaluation step, and rotation's newest 2 (15, 20)
+
+
+def test_eval_at_needs_evaluation_on():
+    with pytest.raises(ConfigError, match=r"eval.at = \[1000\] needs eval.every > 0"):
+        load_config(None, {"eval.every": 0, "eval.at": [1000]})
+
+
 def test_ema_generator_is_saved_and_used(tiny_config):
     cfg = tiny_config(**{"train.ema_decay": 0.9, "train.steps": 10})
     t = Trainer(cfg, progress=False)

@@ -12,13 +12,15 @@ from gan.core.train import Trainer
 from tests.conftest import ROOT
 
 
-@pytest.mark.parametrize("start, steps, every", [(0, 50_000, 2500), (10_000, 50_000, 2500), (0, 1000, 300),
-                                                 (300, 1000, 300), (999, 1000, 300), (0, 1500, 1500),
-                                                 (0, 20, 0), (20, 20, 10), (7, 9, 4)])
-def test_evaluations_between_counts_what_the_schedule_evaluates(start, steps, every):
-    cfg = load_config(None, {"train.steps": steps, "eval.every": every})
+@pytest.mark.parametrize("start, steps, every, at", [
+    (0, 50_000, 2500, []), (10_000, 50_000, 2500, []), (0, 1000, 300, []), (300, 1000, 300, []),
+    (999, 1000, 300, []), (0, 1500, 1500, []), (0, 20, 0, []), (20, 20, 10, []), (7, 9, 4, []),
+    (0, 20_000, 2000, [1000]), (1000, 20_000, 2000, [1000]), (0, 1000, 300, [300, 450, 1000, 5000]),
+    (0, 1001, 300, [1001, 1, 1])])
+def test_evaluations_between_counts_what_the_schedule_evaluates(start, steps, every, at):
+    cfg = load_config(None, {"train.steps": steps, "eval.every": every, "eval.at": at})
     due = sum(Due.at(s, cfg).evaluate for s in range(start + 1, steps + 1))
-    assert eta.evaluations_between(start, steps, every) == due
+    assert eta.evaluations_between(start, steps, every, at) == due
 
 
 def test_expected_seconds_adds_training_evaluations_and_reference():

@@ -95,9 +95,28 @@ def test_fp16_loss_scaling_overflow_is_not_divergence(tiny_config):
     # GradScaler starts at 2**16, so the first fp16 updates overflow on purpose; that is not a NaN run.
     cfg = tiny_config(**{"train.amp": "fp16", "train.steps": 10, "train.channels_last": False})
     t = Trainer(cfg, progress=False)
-    assert t.scaler.is_enabled()
+    assert all(s.is_enabled() for s in t.scalers.values())
     assert t.run()["step"] == 10
-    assert t.scaler.get_scale() < 2.0 ** 16  # it did overflow, and the scaler dealt with it
+    for s in t.scalers.values():
+        assert s.get_scale() < 2.0 ** 16  # it did overflow, and the scaler dealt with it
+
+
+@fault
+@pytest.mark.parametrize("d_steps", [1, 2, 3])
+def test_fp16_trains_with_any_number_of_d_steps_and_resumes_exactly(tiny_config, tmp_path, d_steps):
+    extra = {"train.amp": "fp16", "train.d_steps": d_steps, "train.steps": 20, "train.channels_last": False}
+    full = tiny_config(**extra)
+    Trainer(full, progress=False).run()
+    resumed_cfg = tiny_config(**extra, run_dir=str(tmp_path / "resumed"))
+    resumed = Trainer(resumed_cfg, resume=str(full.resolved_run_dir / "checkpoints" / "step_0000010.pt"),
+                      progress=False)
+    assert resumed.step == 10
+    resumed.run()
+    a = read_checkpoint(full.resolved_run_dir / "checkpoints" / "step_0000020.pt")
+    b = read_checkpoint(resumed_cfg.resolved_run_dir / "checkpoints" / "step_0000020.pt")
+    _assert_same(_training_state(a), _training_state(b))
+    _assert_same(a["scaler"], b["scaler"], "scaler")
+    assert set(a["scaler"]) == {"d", "g"} and all(s["scale"] < 2.0 ** 16 for s in a["scaler"].values())
 
 
 # ---------------------------------------------------------------- resume restores everything

@@ -220,3 +220,12 @@ def test_bad_budget_is_one_clear_line(tmp_path, monkeypatch, image_zip, value):
     r = CliRunner().invoke(cli, ["study", path, "--dry-run"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1
     assert "budget_minutes must be a number of minutes > 0" in r.stderr
+
+
+def test_runs_go_in_seed_order_so_that_one_seed_of_every_variant_comes_first(tmp_path, monkeypatch, image_zip):
+    monkeypatch.chdir(tmp_path)
+    variants = {"bn": {"model.norm": "bn"}, "mn": {"model.norm": "mn"},
+                "mn-layer0": {"model.norm": "mn", "model.mn_layers": [0], "seeds": [2, 0]}}
+    path = tiny_study(tmp_path, image_zip, seeds=[0, 1, 2], variants=variants)
+    names = [r.name for r in study_mod.load_study(path).runs]
+    assert names == ["bn-s0", "mn-s0", "mn-layer0-s0", "bn-s1", "mn-s1", "bn-s2", "mn-s2", "mn-layer0-s2"]

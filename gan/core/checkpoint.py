@@ -91,12 +91,15 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save_checkpoint(state: dict, ckpt_dir: Path, keep: int) -> Path:
+def save_checkpoint(state: dict, ckpt_dir: Path, keep: int, kept_for_good=lambda step: False) -> Path:
+    """Write `state` as its step's checkpoint and delete all but the newest `keep`, except those whose step
+    `kept_for_good` (e.g. an evaluation step, under ckpt.keep_evaluated) neither deletes nor counts."""
     path = step_path(ckpt_dir, state["step"])
     write_checkpoint(state, path)
     # Rotation only looks at older steps: files past this one (left by a run that resume repeats,
     # or broken ones resume skipped) are replaced when the run reaches them, never deleted first.
-    older = [p for p in list_checkpoints(ckpt_dir) if _step_of(p) < state["step"]]
+    older = [p for p in list_checkpoints(ckpt_dir)
+             if _step_of(p) < state["step"] and not kept_for_good(_step_of(p))]
     for old in older[keep - 1:]:
         try:
             old.unlink(missing_ok=True)

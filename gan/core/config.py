@@ -57,6 +57,7 @@ POSITIVE = (lambda v: v > 0, "> 0")
 UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
 OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
 HALF_OPEN_UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
+STEPS = (lambda v: all(s >= 1 for s in v), "a list of steps >= 1")
 MN_LAYERS = (lambda v: all(0 <= i <= 2 for i in v), "a list of layer indices in 0..2")
 
 
@@ -152,6 +153,8 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     every: int = key(5000, check=at_least(0), resumable=True, groups=False)  # 0 = never during training
+    # Steps evaluated besides every `every` steps, e.g. [1000] for an early point on the curve (needs every > 0).
+    at: list[int] = key(factory=list, check=STEPS, resumable=True, groups=False)
     num_samples: int = key(10_000, check=at_least(2), must_match=True)
     # "train" / "test": that split of the training source; anything else: a folder or .zip of real images.
     reference: str = key("train", must_match=True)
@@ -186,6 +189,9 @@ class LogConfig:
 class CkptConfig:
     every: int = key(5000, check=at_least(0), resumable=True)
     keep: int = key(3, check=at_least(1), resumable=True)
+    # true: every evaluation step also saves a checkpoint, which rotation never deletes (it does not count
+    # toward `keep`), so that the generators can be scored again later with other metrics or more samples.
+    keep_evaluated: bool = key(False, resumable=True)
 
 
 @dataclass
@@ -292,6 +298,13 @@ def _build(cls, data: dict, prefix: str = ""):
     return cls(**kwargs)
 
 
+def _check_across_keys(cfg: Config) -> Config:
+    """Rules that involve more than one key, each message naming the key to change."""
+    if cfg.eval.at and cfg.eval.every == 0:
+        raise ConfigError(f"config: eval.at = {cfg.eval.at} needs eval.every > 0 (evaluation is off)")
+    return cfg
+
+
 def _merge(base: dict, update: dict) -> dict:
     out = dict(base)
     for k, v in update.items():
@@ -338,11 +351,11 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
             raise ConfigError(f"config: {path} must hold a mapping of sections")
     for key, value in (overrides or {}).items():
         data = _merge(data, _dotted_to_nested(key, value))
-    return _build(Config, data)
+    return _check_across_keys(_build(Config, data))
 
 
 def config_from_dict(data: dict) -> Config:
-    return _build(Config, data)
+    return _check_across_keys(_build(Config, data))
 
 
 def flatten(d: dict, prefix: str = "") -> dict:

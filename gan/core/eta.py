@@ -23,11 +23,13 @@ MIN_SEC_PER_IMAGE = 0.005
 CIFAR10_TEST_IMAGES = 10_000
 
 
-def evaluations_between(start: int, steps: int, every: int) -> int:
-    """Evaluations after steps start+1..steps: every `every` steps and at the last step (as schedule.Due)."""
+def evaluations_between(start: int, steps: int, every: int, at: list[int] | tuple = ()) -> int:
+    """Evaluations after steps start+1..steps: every `every` steps, at the steps `at` and at the last step
+    (as schedule.Due)."""
     if every <= 0 or steps <= start:
         return 0
-    return steps // every - start // every + (1 if steps % every else 0)
+    others = {s for s in (*at, steps) if start < s <= steps and s % every}
+    return steps // every - start // every + len(others)
 
 
 def expected_seconds(steps_left: int, sec_per_step: float, evaluations: int, samples_per_eval: int,
@@ -102,7 +104,7 @@ class CpuEta:
     def estimate(self, sec_per_step: float) -> str | None:
         t, cfg = self.trainer, self.trainer.cfg
         steps_left = cfg.train.steps - self.start
-        evals = evaluations_between(self.start, cfg.train.steps, cfg.eval.every)
+        evals = evaluations_between(self.start, cfg.train.steps, cfg.eval.every, cfg.eval.at)
         samples = cfg.eval.num_samples
         if expected_seconds(steps_left, sec_per_step, evals, samples, 0, MIN_SEC_PER_IMAGE)["total"] <= LONG_S:
             return None

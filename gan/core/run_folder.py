@@ -3,7 +3,8 @@
     runs/<name>/
         config.yaml          the resolved config, written when the run starts
         metrics.jsonl        one JSON object per logged step (losses, timing, FID/KID ...)
-        checkpoints/         step_0001000.pt ... (newest `ckpt.keep`), best.pt (lowest FID)
+        checkpoints/         step_0001000.pt ... (newest `ckpt.keep`, and every evaluation step's
+                             under ckpt.keep_evaluated), best.pt (lowest FID)
         samples/             step_0001000.png ...
         train.log, wandb/    written by `cli.py train` and wandb
 

@@ -12,8 +12,9 @@ from gan.core.config import Config
 
 @dataclass(frozen=True)
 class Due:
-    """What is due after a step: one line per schedule (config keys log.every, eval.every, log.sample_every,
-    ckpt.every; 0 turns one off). The last step logs, evaluates (if evaluation is on), samples and saves."""
+    """What is due after a step: one line per schedule (config keys log.every, eval.every and eval.at,
+    log.sample_every, ckpt.every; 0 turns one off). The last step logs, evaluates (if evaluation is on), samples
+    and saves; with ckpt.keep_evaluated every evaluation step saves too."""
     log: bool
     evaluate: bool
     sample: bool
@@ -25,9 +26,10 @@ class Due:
 
         def every(n: int) -> bool:
             return n > 0 and step % n == 0
-        checkpoint = every(cfg.ckpt.every) or last
+        evaluate = cfg.eval.every > 0 and (step % cfg.eval.every == 0 or step in cfg.eval.at or last)
+        checkpoint = every(cfg.ckpt.every) or last or (evaluate and cfg.ckpt.keep_evaluated)
         return cls(log=every(cfg.log.every) or checkpoint,  # a checkpoint's step has its losses logged
-                   evaluate=every(cfg.eval.every) or (last and cfg.eval.every > 0),
+                   evaluate=evaluate,
                    sample=every(cfg.log.sample_every) or last,
                    checkpoint=checkpoint)
 

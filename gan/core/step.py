@@ -24,11 +24,11 @@ class GanStep:
 
     def __init__(self, cfg: Config, G: torch.nn.Module, D: torch.nn.Module, g_train: torch.nn.Module,
                  d_train: torch.nn.Module, opt_g: torch.optim.Optimizer, opt_d: torch.optim.Optimizer,
-                 scaler: torch.amp.GradScaler, amp: torch.dtype | None, ema, stream, noise: torch.Generator,
+                 scalers: dict[str, torch.amp.GradScaler], amp: torch.dtype | None, ema, stream, noise: torch.Generator,
                  device: torch.device, z_rows: slice, is_main: bool):
         self.cfg = cfg
         self.G, self.D, self.g_train, self.d_train = G, D, g_train, d_train
-        self.opt_g, self.opt_d, self.scaler, self.amp, self.ema = opt_g, opt_d, scaler, amp, ema
+        self.opt_g, self.opt_d, self.scalers, self.amp, self.ema = opt_g, opt_d, scalers, amp, ema
         self.stream, self.noise, self.device, self.z_rows, self.is_main = stream, noise, device, z_rows, is_main
         self.first_bad = torch.tensor(-1, device=device)
         # The number of the step being taken, on the device too (set by a fill, not copied from the host).
@@ -87,7 +87,7 @@ class GanStep:
             d_fake = loss_precision(self.d_train(fake.detach()))
             # Non-saturating GAN loss; softplus(-x) is BCE-with-logits against 1, softplus(x) against 0.
             loss_d = F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
-        self._apply(self.opt_d, self.D, loss_d)
+        self._apply(self.opt_d, self.D, loss_d, self.scalers["d"])
         return fake, loss_d.detach(), d_real.detach(), d_fake.detach()
 
     def _g_step(self, fake: torch.Tensor):
@@ -96,17 +96,17 @@ class GanStep:
         # Its synchronized BN still normalizes with global statistics.
         with frozen(self.D), self._autocast():
             loss_g = F.softplus(-loss_precision(self.D(fake))).mean()
-        self._apply(self.opt_g, self.G, loss_g)
-        self.scaler.update()
+        self._apply(self.opt_g, self.G, loss_g, self.scalers["g"])
         return loss_g.detach()
 
-    def _apply(self, opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor) -> None:
+    def _apply(self, opt: torch.optim.Optimizer, model: torch.nn.Module, loss: torch.Tensor,
+               scaler: torch.amp.GradScaler) -> None:
         # set_to_none: a gradient is a fresh tensor each step, never one accumulated into (under CUDA graphs
         # the previous step's gradients live in memory that this step's graphs reuse).
         opt.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        scaler.scale(loss).backward()
         finite = torch.isfinite(loss)
-        if not self.scaler.is_enabled():
+        if not scaler.is_enabled():
             # Under fp16 loss scaling, inf gradients are routine overflow: the scaler skips that
             # update and lowers its scale by itself, so only the loss says the run diverged.
             grads = [p.grad for p in model.parameters() if p.grad is not None]
@@ -123,7 +123,8 @@ class GanStep:
                 return
         else:
             self.first_bad = torch.where(finite | (self.first_bad >= 0), self.first_bad, self._step_now)
-        self.scaler.step(opt)
+        scaler.step(opt)
+        scaler.update()
 
 
 @contextmanager

@@ -83,7 +83,10 @@ class Trainer:
         self.opt_g = accel.adam(self.G.parameters(), t.lr_g, (t.beta1, t.beta2), fused)
         self.opt_d = accel.adam(self.D.parameters(), t.lr_d, (t.beta1, t.beta2), fused)
         self.amp = accel.amp_dtype(t.amp, self.device)
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+        # fp16 loss scaling: one scaler per optimizer, each updated right after its own step, so that any number
+        # of D steps per G step is one step() per update() (what GradScaler requires).
+        self.scalers = {name: torch.amp.GradScaler(self.device.type, enabled=self.amp == torch.float16)
+                        for name in ("d", "g")}
         self.ema = EMA(self.G, t.ema_decay) if t.ema_decay > 0 else None
         if t.compile:
             accel.compile_in_place((self.G, self.D), t.compile_mode)
@@ -100,7 +103,7 @@ class Trainer:
         g_train = distributed.wrap(self.G, self.device, broadcast_buffers=not cfg.model.sync_norm)
         d_train = distributed.wrap(self.D, self.device, broadcast_buffers=not cfg.model.sync_norm)
         per_rank = cfg.train.batch_size // self.world
-        self.gan_step = GanStep(cfg, self.G, self.D, g_train, d_train, self.opt_g, self.opt_d, self.scaler,
+        self.gan_step = GanStep(cfg, self.G, self.D, g_train, d_train, self.opt_g, self.opt_d, self.scalers,
                                 self.amp, self.ema, self.stream, self.noise, self.device,
                                 slice(self.rank * per_rank, (self.rank + 1) * per_rank), self.is_main)
         self.fixed_z_seed = cfg.train.seed + 10_007
@@ -129,7 +132,8 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         if state.get("scaler"):
-            self.scaler.load_state_dict(state["scaler"])
+            for name, scaler in self.scalers.items():
+                scaler.load_state_dict(state["scaler"][name])
         self.step = state["step"]
         self.train_time = state.get("train_time", 0.0)
         self.history = list(state.get("history", []))
@@ -153,7 +157,8 @@ class Trainer:
             "G": self.G.state_dict(), "D": self.D.state_dict(),
             "opt_g": self.opt_g.state_dict(), "opt_d": self.opt_d.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
-            "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else None,
+            "scaler": ({name: s.state_dict() for name, s in self.scalers.items()}
+                       if self.scalers["g"].is_enabled() else None),
             "rng": {"torch": torch.get_rng_state(), "cuda": cuda_rng, "noise": self.noise.get_state()},
             "history": self.history, "best": self.best, "train_time": self.train_time,
         }
@@ -161,7 +166,9 @@ class Trainer:
     def save(self) -> Path:
         if not self.is_main:  # rank 0 writes for everyone
             return ckpt.step_path(self.ckpt_dir, self.step)
-        return ckpt.save_checkpoint(self.state_dict(), self.ckpt_dir, self.cfg.ckpt.keep)
+        cfg = self.cfg
+        kept_for_good = lambda step: cfg.ckpt.keep_evaluated and Due.at(step, cfg).evaluate
+        return ckpt.save_checkpoint(self.state_dict(), self.ckpt_dir, cfg.ckpt.keep, kept_for_good)
 
     # ------------------------------------------------------------------ one step
 

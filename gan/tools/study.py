@@ -14,7 +14,8 @@ A study file (YAML; paths in it are relative to the current folder, like the pat
       mn-layer0: {model.norm: mn, model.mn_layers: [0], seeds: [0]}
 
 Each run is `python cli.py train --config BASE --set K=V ... --seed S --out OUT/<variant>-s<seed>
---resume auto --quiet` in a subprocess, its output appended to OUT/<run>/train.log. Runs that already
+--resume auto --quiet` in a subprocess, its output appended to OUT/<run>/train.log, in seed order (seed 0
+of every variant first). Runs that already
 reached train.steps are skipped and the others resume from their newest checkpoint, so a stopped study
 continues where it stopped when the same command is run again.
 
@@ -185,6 +186,9 @@ def load_study(path: str | Path, sets: dict | None = None) -> Study:
                 argv += ["--set", s]
             argv += ["--seed", str(seed), "--out", str(run_dir), "--resume", "auto", "--quiet"]
             runs.append(PlannedRun(run_name, name, seed, run_dir, cfg, sets, argv))
+    # Seed order (the first seed of every variant, then the second ...), stably: a study that runs one at a
+    # time, or is stopped part-way, has a comparison of every variant over one seed first.
+    runs.sort(key=lambda r: r.seed)
     return Study(path, base, Path(out), runs, budget, also_at)
 
 
