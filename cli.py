@@ -48,12 +48,43 @@ def _comma_list(ctx, param, value: str | None) -> tuple[str, ...] | None:
     return None if value is None else tuple(v.strip() for v in value.split(",") if v.strip())
 
 
+def _check_image_path(path: str, option: str) -> None:
+    """Before any work: an image file name whose extension PIL can write (.png, .jpg ...)."""
+    from PIL import Image
+    Image.init()
+    fmt = Image.registered_extensions().get(Path(path).suffix.lower())
+    if fmt not in Image.SAVE:
+        raise click.BadParameter(f"{path}: not an image file name PIL can write (use .png or .jpg)",
+                                 param_hint=option)
+
+
 def _is_main_process() -> bool:
     import os
     return os.environ.get("RANK", "0") == "0"  # torchrun's global rank (the process group may be gone)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+class OneLineErrors(click.Group):
+    """click's own usage errors (a bad option value, a missing argument) as one `error:` line too, like the
+    commands' errors, instead of click's usage block; exit status 2 as click's."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            super().main(*args, standalone_mode=False, **kwargs)
+        except click.exceptions.NoArgsIsHelpError as e:  # a bare `cli.py` or group: its help, as click shows it
+            click.echo(e.format_message(), err=True)
+            sys.exit(e.exit_code)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        except click.Abort:
+            click.echo("interrupted", err=True)
+            sys.exit(130)
+        sys.exit(0)
+
+
+@click.group(cls=OneLineErrors, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 def cli():
     """DCGAN on CIFAR-10 with BatchNorm (bn) or Mixture Normalization (mn) in the generator.
 
@@ -155,6 +186,11 @@ def evaluate(checkpoint, num_samples, out_file, grid, device, reference, g_mode,
     CHECKPOINT is a checkpoint file or a run folder (its newest valid checkpoint).
     """
     from gan.eval.evaluate import evaluate_checkpoint
+    if grid:
+        _check_image_path(grid, "--grid")
+    for path in (out_file, grid):
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
     result = evaluate_checkpoint(checkpoint, num_samples, device, reference, grid, g_mode, progress=not quiet)
     text = json.dumps(result, indent=2)
     click.echo(text)

@@ -32,6 +32,7 @@ from models import gmm as joint
 from models import gmm_per_channel as pc
 from models.fused import region_for, resolve
 from models.gmm import GMM, align, features, scale_of, snapshot, subsample
+from models.mixture_options import invalid_option
 from models.mixture_state import running_transform, write_back
 from models.mixture_transform import (MixtureNormFunction, PerChannelFunction, as_ncl, from_ncl, is_sample_major,
                                       mix_apply, mix_apply_per_channel, normalize_math, normalize_math_per_channel,
@@ -111,17 +112,10 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         """
         super().__init__()
         factory = {"device": device, "dtype": dtype}
-        if num_components < 1:
-            raise ValueError("num_components must be >= 1")
-        if not 0.0 <= lambda_min * num_components < 1.0:
-            # Otherwise all components could be "dead" at once and reseeding has no anchor.
-            raise ValueError("need 0 <= lambda_min < 1 / num_components")
-        if em_steps < 0 or em_samples < num_components or dead_steps < 1:
-            raise ValueError("need em_steps >= 0, em_samples >= num_components, dead_steps >= 1")
-        if posteriors not in ("joint", "per_channel") or fit not in ("warm", "fresh"):
-            raise ValueError("need posteriors in ('joint', 'per_channel') and fit in ('warm', 'fresh')")
-        if fuse not in ("auto", "always", "never"):
-            raise ValueError("need fuse in ('auto', 'always', 'never')")
+        bad = invalid_option(num_components, eps, momentum, em_steps, em_samples, lambda_min, var_floor,
+                             dead_steps, posteriors, fit, fuse)
+        if bad:
+            raise ValueError(f"{bad[0]} must be {bad[1]}")
         self.num_features = num_features
         self.num_components = num_components
         self.eps = eps

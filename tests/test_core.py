@@ -83,7 +83,7 @@ def test_each_key_s_roles_live_on_its_field():
     assert "model.norm" not in compare.NOT_GROUPING and "data.path" in compare.MUST_MATCH
     assert set(compare.MN_ONLY) == {"model.mn_layers"} | {k for k in KEY_ROLES if k.startswith("model.mn.")}
     assert set(study.STUDY_OWNED) == {"run_dir", "train.seed"}
-    assert _RULES["model.mn.lambda_min"][1] == "in (0, 1)" and "model.norm" not in _RULES
+    assert _RULES["train.beta1"][1] == "in [0, 1)" and "model.norm" not in _RULES
     with pytest.raises(TypeError, match="unknown config key role"):
         key(1, resumeable=True)
 

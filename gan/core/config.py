@@ -6,6 +6,8 @@ every mistake into one `ConfigError` line naming the key, so the CLI can print i
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -15,6 +17,7 @@ from typing import Literal, Optional
 import yaml
 
 from gan.core.errors import UserError
+from models.mixture_options import invalid_option
 
 
 class ConfigError(UserError):
@@ -54,28 +57,28 @@ def at_least(n) -> tuple:
 
 
 POSITIVE = (lambda v: v > 0, "> 0")
-UNIT = (lambda v: 0 <= v <= 1, "in [0, 1]")
-OPEN_UNIT = (lambda v: 0 < v < 1, "in (0, 1)")
 HALF_OPEN_UNIT = (lambda v: 0 <= v < 1, "in [0, 1)")
 STEPS = (lambda v: all(s >= 1 for s in v), "a list of steps >= 1")
+SEED = (lambda v: 0 <= v < 2**32, "in [0, 2**32)")  # torch's generators take 64 bits; offsets are added to it
 MN_LAYERS = (lambda v: all(0 <= i <= 2 for i in v), "a list of layer indices in 0..2")
 
 
 @dataclass
 class MNConfig:
-    """Mixture Normalization options (see docs/mixture-normalization.md)."""
-    num_components: int = key(3, check=at_least(1))
-    eps: float = key(1e-5, check=POSITIVE)
-    momentum: float = key(0.1, check=UNIT)
+    """Mixture Normalization options (see docs/mixture-normalization.md); their ranges are the layer's own
+    rules (models/mixture_options.py), checked with the rest of the config."""
+    num_components: int = 3
+    eps: float = 1e-5
+    momentum: float = 0.1
     affine: bool = True
     track_running_stats: bool = True
-    em_steps: int = key(1, check=at_least(0))
-    em_samples: int = key(4096, check=at_least(2))
-    lambda_min: float = key(1e-2, check=OPEN_UNIT)
-    var_floor: float = key(1e-4, check=POSITIVE)
+    em_steps: int = 1
+    em_samples: int = 4096
+    lambda_min: float = 1e-2
+    var_floor: float = 1e-4
     prior_scaling: bool = True
     detach_posteriors: bool = True
-    dead_steps: int = key(5, check=at_least(1))  # steps below lambda_min before a component is re-seeded
+    dead_steps: int = 5  # steps below lambda_min before a component is re-seeded
     # joint: one C-dimensional diagonal mixture per layer, so a sample gets the same posteriors in every
     # channel. per_channel: one 1-D mixture per channel, posteriors per (sample, channel); costs about K
     # activation-sized tensors more memory per layer. K=1 is BatchNorm either way.
@@ -131,7 +134,7 @@ class TrainConfig:
     beta2: float = key(0.999, check=HALF_OPEN_UNIT)
     d_steps: int = key(1, check=at_least(1))
     ema_decay: float = key(0.0, check=HALF_OPEN_UNIT)  # 0 = off; e.g. 0.999
-    seed: int = key(0, groups=False, study="use seeds: [...] instead")
+    seed: int = key(0, check=SEED, groups=False, study="use seeds: [...] instead")
     device: Literal["auto", "cpu", "cuda"] = key("auto", resumable=True, groups=False)
     amp: Literal["auto", "bf16", "fp16", "off"] = "auto"  # auto: bf16 on CUDA, off on CPU
     channels_last: bool = True
@@ -160,7 +163,7 @@ class EvalConfig:
     reference: str = key("train", must_match=True)
     reference_samples: int = key(0, check=at_least(0), must_match=True)  # 0 = the whole reference set
     g_mode: Literal["eval", "train"] = "eval"
-    seed: int = 1234  # fixed noise, so successive evaluations are comparable
+    seed: int = key(1234, check=SEED)  # fixed noise, so successive evaluations are comparable
     batch_size: int = key(200, check=at_least(1))
 
 
@@ -267,6 +270,8 @@ def _coerce(key: str, value, tp):
             raise ConfigError(f"config: {key} = {value!r} is not valid; expected a list")
         return [_coerce(f"{key}[{i}]", v, inner) for i, v in enumerate(value)]
     if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        if not math.isfinite(value):
+            raise ConfigError(f"config: {key} = {value!r} is not valid; expected a finite number")
         return float(value)
     if tp is int and isinstance(value, int) and not isinstance(value, bool):
         return value
@@ -300,6 +305,11 @@ def _build(cls, data: dict, prefix: str = ""):
 
 def _check_across_keys(cfg: Config) -> Config:
     """Rules that involve more than one key, each message naming the key to change."""
+    bad = invalid_option(**dataclasses.asdict(cfg.model.mn))
+    if bad:
+        name, must = bad
+        value = getattr(cfg.model.mn, name)
+        raise ConfigError(f"config: model.mn.{name} = {value!r} is out of range; must be {must}")
     if cfg.eval.at and cfg.eval.every == 0:
         raise ConfigError(f"config: eval.at = {cfg.eval.at} needs eval.every > 0 (evaluation is off)")
     return cfg
@@ -318,13 +328,31 @@ def _dotted_to_nested(key: str, value) -> dict:
     return value
 
 
+class _Yaml12Loader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's booleans: only true/false are booleans, so that yes, no, on, off, y
+    and n stay strings (YAML 1.1 reads `--set data.path=no` as False)."""
+
+
+_BOOL = "tag:yaml.org,2002:bool"
+_Yaml12Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != _BOOL]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Yaml12Loader.add_implicit_resolver(_BOOL, re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
+
+
+def load_yaml(text: str):
+    """YAML text -> Python values, with YAML 1.2's booleans (see _Yaml12Loader); config files, --set values and
+    study files are all read through it."""
+    return yaml.load(text, Loader=_Yaml12Loader)
+
+
 def parse_assignment(text: str) -> tuple[str, object]:
     """`train.lr_g=1e-4` -> ("train.lr_g", 1e-4); the value is read as YAML so lists and bools work."""
     if "=" not in text:
         raise ConfigError(f"config: --set expects key=value, got {text!r}")
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = load_yaml(raw) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     # YAML reads 1e-4 as a string (no dot); numbers are what people mean.
@@ -344,7 +372,7 @@ def load_config(path: str | Path | None = None, overrides: dict | None = None) -
         if not path.is_file():
             raise ConfigError(f"config: no such file: {path}")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = load_yaml(path.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
         if not isinstance(data, dict):

@@ -196,7 +196,8 @@ class BatchStream:
     def __init__(self, images: torch.Tensor, batch_size: int, seed: int, hflip: bool,
                  device: torch.device, rank: int = 0, world_size: int = 1):
         if len(images) < batch_size:
-            raise DataError(f"the dataset has {len(images)} images, fewer than one batch ({batch_size})")
+            raise DataError(f"the dataset has {len(images)} images, fewer than one batch "
+                            f"(train.batch_size {batch_size})")
         if batch_size % world_size:
             raise DataError(f"train.batch_size {batch_size} is not divisible by the {world_size} processes")
         self.images, self.batch_size, self.seed, self.hflip = images, batch_size, seed, hflip

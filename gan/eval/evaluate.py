@@ -47,7 +47,7 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: s
         cfg.eval.reference = reference
     if g_mode:
         cfg.eval.g_mode = g_mode
-    n = num_samples or cfg.eval.num_samples
+    n = cfg.eval.num_samples if num_samples is None else num_samples
     if n < 2:
         raise UserError("--num-samples must be at least 2")
     images = generate(G, n, cfg.model.z_dim, cfg.eval.seed, device, cfg.eval.batch_size, cfg.eval.g_mode)

@@ -38,7 +38,7 @@ from typing import Callable
 
 import yaml
 
-from gan.core.config import KEY_ROLES, load_config, parse_assignment
+from gan.core.config import KEY_ROLES, load_config, load_yaml, parse_assignment
 from gan.core.errors import UserError
 from gan.core.run_folder import RunFolder
 from gan.tools.launcher import PlannedRun, duration, train_all
@@ -135,7 +135,7 @@ def load_study(path: str | Path, sets: dict | None = None) -> Study:
     if not path.is_file():
         raise StudyError(f"study: no such file: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = load_yaml(path.read_text())
     except yaml.YAMLError as e:
         raise StudyError(f"study: {path} is not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
