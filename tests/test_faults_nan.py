@@ -119,6 +119,21 @@ def test_fp16_trains_with_any_number_of_d_steps_and_resumes_exactly(tiny_config,
     assert set(a["scaler"]) == {"d", "g"} and all(s["scale"] < 2.0 ** 16 for s in a["scaler"].values())
 
 
+@fault
+def test_a_checkpoint_with_one_scaler_for_both_optimizers_resumes(tiny_config, tmp_path):
+    extra = {"train.amp": "fp16", "train.steps": 20, "train.channels_last": False}
+    cfg = tiny_config(**extra)
+    Trainer(cfg, progress=False).run()
+    state = read_checkpoint(cfg.resolved_run_dir / "checkpoints" / "step_0000010.pt")
+    state["scaler"] = state["scaler"]["g"]
+    one_scaler = tmp_path / "one-scaler.pt"
+    ckpt.write_checkpoint({k: v for k, v in state.items() if k != "format_version"}, one_scaler)
+    resumed = Trainer(tiny_config(**extra, run_dir=str(tmp_path / "resumed")), resume=str(one_scaler),
+                      progress=False)
+    assert all(s.get_scale() == state["scaler"]["scale"] for s in resumed.scalers.values())
+    assert resumed.run()["step"] == 20
+
+
 # ---------------------------------------------------------------- resume restores everything
 
 @fault

@@ -132,8 +132,10 @@ class Trainer:
         if self.ema is not None and state.get("ema") is not None:
             self.ema.load_state_dict(state["ema"])
         if state.get("scaler"):
+            saved = state["scaler"]
+            per_optimizer = set(saved) == {"d", "g"}  # else one scaler's state, for both optimizers
             for name, scaler in self.scalers.items():
-                scaler.load_state_dict(state["scaler"][name])
+                scaler.load_state_dict(saved[name] if per_optimizer else saved)
         self.step = state["step"]
         self.train_time = state.get("train_time", 0.0)
         self.history = list(state.get("history", []))
