@@ -181,7 +181,8 @@ def train(config_path, norm, steps, batch_size, seed, out, device, data, sets, r
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
 def evaluate(checkpoint, num_samples, out_file, grid, device, reference, g_mode, quiet):
-    """Print FID, KID (and IS when the full Inception weights are present) of a trained generator.
+    """Print FID, KID, precision, recall, density and coverage (and IS when the full Inception weights are
+    present) of a trained generator.
 
     CHECKPOINT is a checkpoint file or a run folder (its newest valid checkpoint).
     """
@@ -278,8 +279,11 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, kernels, com
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for the outputs [default: <the runs' common parent>/compare].")
-@click.option("--metric", type=click.Choice(["fid", "kid"]), default="fid", show_default=True,
-              help="Metric to compare (kid uses kid_mean); fid writes compare.*, kid writes compare-kid.*.")
+@click.option("--metric", type=click.Choice(["fid", "kid", "precision", "recall", "density", "coverage"]),
+              default="fid", show_default=True,
+              help="Metric to compare (kid uses kid_mean; precision, recall, density and coverage are better "
+                   "higher); fid writes compare.*, the others compare-<metric>.*. With precision and recall "
+                   "in the runs, precision-recall.png plots one against the other over training.")
 @click.option("--target", type=float,
               help="Metric value for 'steps to target' [default: the baseline group's best, mean over seeds].")
 @click.option("--also-at", metavar="V1,V2,...", callback=_comma_list, default="",

@@ -11,7 +11,8 @@ import yaml
 from click.testing import CliRunner
 
 from cli import cli
-from gan.tools.compare import compare_runs
+from gan.tools.compare import compare_runs, group_runs, read_run
+from gan.tools.compare_report import fidelity_diversity_curves
 from gan.core.config import load_config
 from tests.conftest import ROOT
 
@@ -290,10 +291,10 @@ def test_study_dry_run_lists_every_run(tmp_path, monkeypatch):
         for s in sets:
             args += ["--set", s]
         return args + ["--seed", str(seed), "--out", f"out/{variant}-s{seed}", "--resume", "auto", "--quiet"]
-    assert got == [
-        expected("bn", 0, "model.norm=bn"), expected("bn", 1, "model.norm=bn"),
-        expected("mn", 0, "model.norm=mn"), expected("mn", 1, "model.norm=mn"),
+    assert got == [  # in seed order: seed 0 of every variant first
+        expected("bn", 0, "model.norm=bn"), expected("mn", 0, "model.norm=mn"),
         expected("mn-layer0", 0, "model.norm=mn", "model.mn_layers=[0]"),
+        expected("bn", 1, "model.norm=bn"), expected("mn", 1, "model.norm=mn"),
         expected("mn-noprior", 3, "model.norm=mn", "model.mn.prior_scaling=false"),
     ]
     assert "6 runs (0 finished, 6 to train)" in r.output
@@ -367,12 +368,12 @@ def test_study_compares_at_multiples_of_the_target_from_the_file_or_the_command_
     monkeypatch.chdir(tmp_path)
     path = write_study(tmp_path, {**STUDY, "also_at": ["2x", "1.5x"],
                                   "variants": {v: STUDY["variants"][v] for v in ("bn", "mn")}})
-    for i, run in enumerate(load_study(path).runs):  # every run finished, so the study only compares
+    for run in load_study(path).runs:  # every run finished, so the study only compares
         run.run_dir.mkdir(parents=True)
         (run.run_dir / "config.yaml").write_text(run.config.to_yaml())
         (run.run_dir / "metrics.jsonl").write_text("".join(
             json.dumps({"step": s, "fid": f, "kid_mean": f / 1000, "train_time": s * 0.1}) + "\n"
-            for s, f in ((20, 80.0 + i), (40, 50.0 + i))))
+            for s, f in ((20, 80.0 + run.seed), (40, 50.0 + run.seed))))
 
     def looser_targets(*args):
         r = CliRunner().invoke(cli, ["study", path, *args])
@@ -404,7 +405,7 @@ def test_shipped_study_files_plan_their_runs(monkeypatch):
     cpu = load_study("configs/study-cpu-runs.yaml")
     names = [r.name for r in cpu.runs]
     # g_mode: train is scored from bn-s0's and mn-s0's kept checkpoints on the CPU, not retrained.
-    assert names == ["bn-s0", "bn-s1", "mn-s0", "mn-s1", "mn-layer0-s0", "mn-k2-s0", "mn-noprior-s0"]
+    assert names == ["bn-s0", "mn-s0", "mn-layer0-s0", "mn-k2-s0", "mn-noprior-s0", "bn-s1", "mn-s1"]
     c = {r.name: r.config for r in cpu.runs}
     assert c["mn-layer0-s0"].model.mn_layers == [0] and c["mn-k2-s0"].model.mn.num_components == 2
     assert c["mn-noprior-s0"].model.mn.prior_scaling is False
@@ -414,12 +415,57 @@ def test_shipped_study_files_plan_their_runs(monkeypatch):
     assert (base.eval.every, base.eval.num_samples, base.ckpt.every) == (1000, 1000, 1000)
     assert base.eval.reference == "test" and (base.data.source, base.data.path) == ("cifar10", "data")
     gpu = load_study("configs/study-gpu-runs.yaml")
-    assert [r.name for r in gpu.runs] == ["bn-s0", "bn-s1", "bn-s2", "mn-s0", "mn-s1", "mn-s2",
-                                          "mn-layer0-s0", "mn-layer0-s1", "mn-layer0-s2"]
-    assert gpu.runs[6].config.model.mn_layers == [0] and gpu.runs[3].config.model.mn_layers == [0, 1, 2]
+    assert [r.name for r in gpu.runs] == ["bn-s0", "mn-s0", "mn-layer0-s0", "bn-s1", "mn-s1", "mn-layer0-s1",
+                                          "bn-s2", "mn-s2", "mn-layer0-s2"]
+    assert gpu.runs[2].config.model.mn_layers == [0] and gpu.runs[1].config.model.mn_layers == [0, 1, 2]
     g = gpu.runs[0].config
     assert (g.model.ngf, g.model.ndf, g.train.batch_size) == (64, 64, 64)
     assert g.eval.num_samples == 10_000 and g.eval.reference == "train" and g.eval.reference_samples == 0
     assert g.train.steps % g.eval.every == 0 and g.ckpt.every == g.eval.every  # every run: the same eval steps
     assert gpu.budget_minutes is not None and gpu.budget_minutes <= 7
+    # The whole runs on a CPU: the GPU study's variants, seeds and widths for 20,000 steps, a checkpoint at
+    # least every 500 steps, and every evaluation's checkpoint kept.
+    whole = load_study("configs/study-cpu-whole-runs.yaml")
+    assert [r.name for r in whole.runs] == [r.name for r in gpu.runs]
+    w = whole.runs[0].config
+    assert (w.model.ngf, w.model.ndf, w.train.batch_size, w.train.steps) == (64, 64, 64, 20_000)
+    assert (w.eval.every, w.eval.at, w.eval.num_samples, w.eval.reference) == (2000, [1000], 1000, "test")
+    assert w.ckpt.every <= 500 and w.ckpt.keep_evaluated
     assert gpu.also_at == ("2x", "1.5x", "1.25x")  # the looser targets the results report
+
+
+def _with_precision_recall(run, values: dict) -> None:
+    """Add precision and recall to the run's evaluation records: values {step: (precision, recall)}."""
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    for rec in lines:
+        if rec["step"] in values:
+            rec["precision"], rec["recall"] = values[rec["step"]]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+
+
+def test_higher_is_better_metrics_take_the_maximum_and_reach_targets_from_below(tmp_path):
+    root = tmp_path / "runs"
+    fids = {1000: 60.0, 2000: 50.0, 3000: 45.0}
+    bn = make_run(root, "bn-s0", fids)
+    mn = make_run(root, "mn-s0", fids, norm="mn")
+    _with_precision_recall(bn, {1000: (0.2, 0.1), 2000: (0.5, 0.3), 3000: (0.4, 0.35)})
+    _with_precision_recall(mn, {1000: (0.3, 0.1), 2000: (0.6, 0.2), 3000: (0.55, 0.25)})
+    result = compare_runs([root], tmp_path / "out", metric="precision")
+    bn_g, mn_g = sorted(result.data["groups"], key=lambda g: g["norm"])
+    assert result.data["higher_is_better"] and result.data["target"] == 0.5  # bn's best, its maximum
+    assert bn_g["best"]["mean"] == 0.5 and bn_g["best_step"] == [2000]
+    assert mn_g["best"]["mean"] == 0.6 and mn_g["runs"][0]["steps_to_target"] == 2000  # 0.6 >= 0.5 there
+    assert "precision ≥ target" in result.markdown
+    assert (tmp_path / "out" / "compare-precision.png").is_file()
+    pr = tmp_path / "out" / "precision-recall.png"
+    assert pr in result.files and pr.stat().st_size > 0
+    curves = {c["label"]: c for c in fidelity_diversity_curves(group_runs([read_run(p, "fid") for p in (bn, mn)])[0])}
+    assert curves["norm=bn"]["precision"] == [0.2, 0.5, 0.4] and curves["norm=bn"]["recall"] == [0.1, 0.3, 0.35]
+
+
+def test_a_run_without_precision_has_no_precision_recall_plot(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "bn-s0", {1000: 60.0})
+    result = compare_runs([root], tmp_path / "out")
+    assert not (tmp_path / "out" / "precision-recall.png").exists()
+    assert all(f.exists() for f in result.files)

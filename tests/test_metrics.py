@@ -154,7 +154,10 @@ def test_fid_kid_self_and_shifted(env):
     # diag K for the PSD kernel matrix K. Rounding (~1e-16 of K's entries, in float64) is far below both.
     assert -0.02 < same["kid_mean"] <= 0.0
     assert diff["kid_mean"] > 0.02
-    assert set(same) == {"fid", "kid_mean", "kid_std", "num_samples"}
+    assert set(same) == {"fid", "kid_mean", "kid_std", "precision", "recall", "density", "coverage", "num_samples"}
+    # The same images: every generated feature lies in a real one's k-NN ball and the other way round.
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+    assert max(diff["precision"], diff["recall"], diff["coverage"]) < 1.0  # the red cast moves some out
 
 
 @pytest.mark.slow

@@ -176,6 +176,9 @@ class MetricsConfig:
     allow_download: bool = key(True, resumable=True, groups=False)
     kid_subset_size: int = key(1000, check=at_least(2))
     kid_subsets: int = key(100, check=at_least(1))
+    # Precision and recall (k = 3), density and coverage (k = 5) of the Inception features at every evaluation,
+    # against a fixed subset of the reference as large as the generated set (gan/eval/prdc.py).
+    prdc: bool = key(True, groups=False)
 
 
 @dataclass

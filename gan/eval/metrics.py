@@ -1,4 +1,4 @@
-"""FID / KID / IS for generated images: torch-fidelity's Inception, our FID and KID on the evaluation device.
+"""FID / KID / IS, precision / recall / density / coverage for generated images: torch-fidelity's Inception, our FID and KID on the evaluation device.
 
 Features come from torch-fidelity's ``FeatureExtractorInceptionV3`` (uint8 in, its TF-compatible bilinear resize
 to 299 inside), run in batches under ``torch.inference_mode`` with the model in channels_last. FID (gan/eval/fid.py)
@@ -9,7 +9,8 @@ covariance are cached on disk.
 
     weights = resolve_inception_weights(None, cache_dir=None)           # gan.eval.inception; offline: no IS
     ev = Evaluator(weights, torch.device("cuda"), lambda: real_uint8, "cifar10-train-50000")
-    ev.score(fake_uint8)  # {"fid", "kid_mean", "kid_std", ["isc_mean", "isc_std"], "num_samples"}
+    ev.score(fake_uint8)  # {"fid", "kid_mean", "kid_std", ["isc_mean", "isc_std"], "precision", "recall",
+                          #  "density", "coverage", "num_samples"}
 """
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from tqdm.auto import tqdm
 
 from gan.core.checkpoint import atomic_save
-from gan.eval import fid, inception
+from gan.eval import fid, inception, prdc
 from gan.eval.inception import InceptionExtractor, InceptionWeights, default_cache_dir
 from gan.eval.kid import kernel_inception_distance
 
@@ -82,7 +83,8 @@ class Evaluator:
 
     def __init__(self, weights: InceptionWeights, device: torch.device, reference: Callable[[], torch.Tensor],
                  reference_id: str, cache_dir: str | None = None, batch_size: int = 200,
-                 kid_subset_size: int = DEFAULTS["kid_subset_size"], kid_subsets: int = DEFAULTS["kid_subsets"], verbose: bool = True):
+                 kid_subset_size: int = DEFAULTS["kid_subset_size"], kid_subsets: int = DEFAULTS["kid_subsets"],
+                 verbose: bool = True, manifold: bool = True):
         if batch_size < 1 or kid_subset_size < 2 or kid_subsets < 1:
             raise ValueError("batch_size must be >= 1, kid_subset_size >= 2, kid_subsets >= 1")
         self.weights = weights
@@ -94,6 +96,7 @@ class Evaluator:
         self.kid_subset_size = int(kid_subset_size)
         self.kid_subsets = int(kid_subsets)
         self.verbose = verbose
+        self.manifold = manifold  # precision, recall, density and coverage (gan/eval/prdc.py)
         self.has_head = weights.has_head
         self._features_list = ["2048", "logits_unbiased"] if self.has_head else ["2048"]
         self._model: InceptionExtractor | None = None
@@ -119,7 +122,8 @@ class Evaluator:
             weights = resolve()
         load, ident = build_reference(cfg, train_data, progress)
         return cls(weights, device, load, ident, cache_dir=m.cache_dir, batch_size=cfg.eval.batch_size,
-                   kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress)
+                   kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress,
+                   manifold=m.prdc)
 
     @property
     def model(self) -> InceptionExtractor:
@@ -247,5 +251,20 @@ class Evaluator:
             isc = isc_features_to_metric(logits.cpu(), splits=splits, shuffle=True, rng_seed=DEFAULTS["rng_seed"])
             out["isc_mean"] = isc[KEY_METRIC_ISC_MEAN]
             out["isc_std"] = isc[KEY_METRIC_ISC_STD]
+        if self.manifold and n > prdc.K_DENSITY_COVERAGE:  # k-NN balls need more than k samples
+            out.update(self._manifold_metrics(feats))
         out["num_samples"] = n
         return out
+
+    def _manifold_metrics(self, feats: torch.Tensor) -> dict:
+        """Precision, recall, density and coverage against a fixed subset of the reference as large as the
+        generated set (gan/eval/prdc.py); the subset's k-NN radii are cached in the reference file."""
+        ref = self._reference_on_device()
+        n_ref = int(ref["features"].shape[0])
+        n = min(int(feats.shape[0]), n_ref)
+        real = ref["features"][prdc.reference_subset(n_ref, n).to(self.device)]
+        key = f"knn_radii_{n}"
+        if key not in self._ref:
+            self._ref[key] = prdc.knn_radii(real).cpu()
+            atomic_save(self._ref, self.reference_cache_path)
+        return prdc.manifold_metrics(real, feats, self._ref[key])

@@ -1,5 +1,6 @@
 """bench eval: our evaluation against torch-fidelity's on the same images: Inception features (and the FID
-each pipeline gives), then the Fréchet distance from the same 2048-d statistics."""
+each pipeline gives), then the Fréchet distance from the same 2048-d statistics; and what precision, recall,
+density and coverage add to an evaluation."""
 from __future__ import annotations
 
 import tempfile
@@ -48,13 +49,28 @@ def bench_eval(device: torch.device, num_images: int, repeats: int, weights_path
                 feature_extractor_weights_path=their_weights, cache=False, verbose=False))
         t_ours, t_theirs = alternate(ours_fn, theirs_fn, repeats, device)
         fid_ours = ev.score(fake)["fid"]
-        distance = bench_frechet_distance(device, ev.features(fake), ev.prepare_reference()["features"], repeats)
+        fake_features = ev.features(fake)
+        distance = bench_frechet_distance(device, fake_features, ev.prepare_reference()["features"], repeats)
+        manifold = bench_manifold_metrics(device, fake_features, ev.features(real), t_ours / 2, repeats)
     fid_theirs = theirs["frechet_inception_distance"]
     n = 2 * num_images
     return [Row("eval", f"Inception features, {num_images} generated + {num_images} real images", n / t_ours,
                 n / t_theirs, "img/s", "speed-up vs torch-fidelity", t_theirs / t_ours,
                 {"fid_ours": fid_ours, "fid_torch_fidelity": fid_theirs, "fid_abs_diff": abs(fid_ours - fid_theirs)}),
-            distance]
+            distance, manifold]
+
+
+def bench_manifold_metrics(device: torch.device, fake: torch.Tensor, real: torch.Tensor, t_inception: float,
+                           repeats: int) -> Row:
+    """What precision, recall, density and coverage (gan/eval/prdc.py: k-NN radii of both sets, then the
+    cross distances) add to an evaluation, whose main cost is Inception over the generated images: their time
+    next to that Inception time (`t_inception`, seconds), as a fraction."""
+    from gan.eval import prdc
+    fake, real = fake.to(device), real.to(device)
+    (t,) = timed_rounds([lambda: prdc.manifold_metrics(real, fake)], repeats, device)
+    return Row("eval", f"precision, recall, density, coverage: {len(fake)} vs {len(real)} features, next to "
+                       f"Inception over the {len(fake)} generated images", t * 1e3, t_inception * 1e3, "ms",
+               "time they add to an evaluation (fraction)", t / t_inception)
 
 
 def bench_frechet_distance(device: torch.device, features: torch.Tensor, reference: torch.Tensor, repeats: int) -> Row:

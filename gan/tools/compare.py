@@ -1,7 +1,7 @@
 """Compare finished (or running) training runs: curves, a table and JSON, grouped by what differs.
 
 Each run folder holds `config.yaml` (the resolved config) and `metrics.jsonl` (one JSON per logged step;
-evaluation steps also carry fid / kid_mean). Runs whose configs differ only in the seed, the folder and
+evaluation steps also carry fid / kid_mean / precision / recall / density / coverage). Runs whose configs differ only in the seed, the folder and
 settings that do not change the maths (length, device, logging, checkpoints) form one group; the other
 differing keys name the group, e.g. "norm=mn, mn.num_components=2".
 
@@ -21,9 +21,12 @@ from typing import Callable, Optional, Sequence
 from gan.core.config import Config, flatten, keys_where
 from gan.core.errors import UserError
 from gan.core.run_folder import RunFolder
-from gan.tools.compare_report import markdown, plot
+from gan.tools.compare_report import fidelity_diversity_curves, markdown, plot, precision_recall_plot
 
-METRICS = {"fid": "fid", "kid": "kid_mean"}
+METRICS = {"fid": "fid", "kid": "kid_mean", "precision": "precision", "recall": "recall", "density": "density",
+           "coverage": "coverage"}
+# For these, more is better: the best evaluation is the highest, and a target is reached from below.
+HIGHER_IS_BETTER = {"precision", "recall", "density", "coverage"}
 
 # Each key's role here is on its config field (gan/core/config.py): keys that never separate groups (the seed,
 # the folder, settings that leave the maths alone; train.steps too, so that runs of different lengths still
@@ -199,9 +202,12 @@ def pick_baseline(groups: list[Group], wanted: Optional[str]) -> Group:
 
 # ---------------------------------------------------------------- numbers
 
-def run_numbers(run: Run, target: Optional[float]) -> dict:
-    best = min(run.evals, key=lambda e: (e["value"], e["step"]))
-    hit = next((e for e in run.evals if target is not None and e["value"] <= target), None)
+def run_numbers(run: Run, target: Optional[float], higher: bool = False) -> dict:
+    """higher: the metric is better when higher (HIGHER_IS_BETTER), so the best is the maximum and the target
+    is reached at or above it."""
+    sign = -1.0 if higher else 1.0
+    best = min(run.evals, key=lambda e: (sign * e["value"], e["step"]))
+    hit = next((e for e in run.evals if target is not None and sign * e["value"] <= sign * target), None)
     return {
         "run": str(run.path), "seed": run.seed, "in_progress": run.in_progress,
         "last_step": run.last_step, "steps": run.config.train.steps,
@@ -237,8 +243,8 @@ def curve(group: Group) -> dict:
     return out
 
 
-def group_numbers(group: Group, target: Optional[float]) -> dict:
-    per_run = [run_numbers(r, target) for r in group.runs]
+def group_numbers(group: Group, target: Optional[float], higher: bool = False) -> dict:
+    per_run = [run_numbers(r, target, higher) for r in group.runs]
     return {
         "label": group.label,
         "config": {k: v for k, v in group.key},
@@ -322,6 +328,7 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
         raise CompareError(f"compare: metric must be one of {', '.join(METRICS)}, got {metric!r}")
     extra = [extra_target(t) for t in also_at]
     metric_key = METRICS[metric]
+    higher = metric in HIGHER_IS_BETTER
     paths = expand_run_dirs(run_dirs)
     if not paths:
         raise CompareError("compare: no run folders given")
@@ -353,19 +360,19 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
 
     groups, differing = group_runs(kept)
     base = pick_baseline(groups, baseline)
-    base_numbers = group_numbers(base, None)
+    base_numbers = group_numbers(base, None, higher)
     target_source = "--target"
     if target is None:
         target = base_numbers["best"]["mean"]
         target_source = f"the best {metric_key} of {base.label}, mean over its seeds"
     base_index = groups.index(base)
-    numbers = [group_numbers(g, target) for g in groups]
+    numbers = [group_numbers(g, target, higher) for g in groups]
     _add_speedups(numbers, base_index)
     # The same steps-to-target and speed-ups at other targets (e.g. looser FIDs that every group reaches).
     at_targets = []
     for value, relative in extra:
         t = target * value if relative else value
-        at = [group_numbers(g, t) for g in groups]
+        at = [group_numbers(g, t, higher) for g in groups]
         _add_speedups(at, base_index)
         at_targets.append({"target": t, "times_target": value if relative else None,
                            "groups": [{k: n[k] for k in AT_TARGET_KEYS} for n in at]})
@@ -379,7 +386,8 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
         notes.append(f"Compared over the evaluations up to step {upto}, the last one every run reached.")
     result = {
         "common_steps_upto": upto,
-        "metric": metric, "metric_key": metric_key, "target": target, "target_source": target_source,
+        "metric": metric, "metric_key": metric_key, "higher_is_better": higher, "target": target,
+        "target_source": target_source,
         "baseline": base.label, "grouping_keys": differing, "notes": notes,
         "skipped": skipped, "groups": numbers, "at_targets": at_targets,
     }
@@ -391,4 +399,9 @@ def compare_runs(run_dirs, out: str | Path | None = None, metric: str = "fid", t
     files[0].write_text(text)
     files[1].write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     plot(result, files[2])
+    fidelity_diversity = fidelity_diversity_curves(groups)
+    if fidelity_diversity:
+        files.append(out / "precision-recall.png")
+        precision_recall_plot(fidelity_diversity, files[-1])
     return CompareResult(result, text, files)
+

@@ -1,8 +1,10 @@
-"""compare's report: the markdown table and the curves figure, from the result dict compare_runs builds."""
+"""compare's report: the markdown table and the curves figure, from the result dict compare_runs builds; and
+precision against recall over training, from the groups' records."""
 from __future__ import annotations
 
 import math
 import os
+import statistics
 from pathlib import Path
 from typing import Optional
 
@@ -48,7 +50,8 @@ def _time_unit(seconds: float) -> tuple[str, float]:
 
 def markdown(result: dict) -> str:
     fmt = ".2f" if result["metric"] == "fid" else ".4f"
-    name = result["metric"].upper() + ("" if result["metric"] == "fid" else " (kid_mean)")
+    name = {"fid": "FID", "kid": "KID (kid_mean)"}.get(result["metric"], result["metric"])
+    reached = "≥" if result.get("higher_is_better") else "≤"
     times = [g["time_to_target"]["mean"] for g in result["groups"] if g["time_to_target"]["mean"] is not None]
     unit, scale = _time_unit(max(times, default=0.0))
     lines = [
@@ -73,7 +76,7 @@ def markdown(result: dict) -> str:
             mean_pm(g["sec_per_step"], ".3f"),
         ]) + " |")
     lines += ["", "Mean ± std over seeds. Steps to target: per seed, the first evaluation step with "
-              f"{result['metric_key']} <= target. Speed-up: the baseline's mean over the group's mean; in "
+              f"{result['metric_key']} {reached} target. Speed-up: the baseline's mean over the group's mean; in "
               "brackets, the lowest and highest ratio over all pairs of a baseline seed and a group seed "
               "that both reached the target."]
     if any(g["in_progress"] for g in result["groups"]):
@@ -101,8 +104,10 @@ def _times(at_target: dict) -> str:
 def _at_targets_table(result: dict, fmt: str) -> str:
     """Per group and extra target: steps to target, then the speed-up in steps and in training time."""
     metric, base = result["metric"], result["baseline"]
+    reached = "≥" if result.get("higher_is_better") else "≤"
     rows = [f"Steps to reach other targets, and speed-up vs **{base}** in steps / in training time:", "",
-            "| group | " + " | ".join(f"{metric} ≤ {_num(a['target'], fmt)}" + _times(a) for a in result["at_targets"])
+            "| group | " + " | ".join(f"{metric} {reached} {_num(a['target'], fmt)}" + _times(a)
+                                     for a in result["at_targets"])
             + " |",
             "|---" * (len(result["at_targets"]) + 1) + "|"]
     for i, g in enumerate(result["groups"]):
@@ -156,7 +161,8 @@ def plot(result: dict, path: Path) -> None:
             t, m, lo, hi = map(list, zip(*pts))
             ax_t.plot(t, m, style, ms=3, color=colour, label=label)
             ax_t.fill_between(t, lo, hi, color=colour, alpha=0.2, lw=0)
-    ylabel = result["metric_key"] + (" (log scale)" if log_y else "")
+    ylabel = result["metric_key"] + (" (log scale)" if log_y else "") + \
+        (", higher is better" if result.get("higher_is_better") else ", lower is better")
     for ax, xlabel in ((ax_s, "training step"), (ax_t, f"training time ({unit}, evaluation excluded)")):
         if result["target"] is not None:
             ax.axhline(result["target"], color="grey", ls="--", lw=1, label=f"target {result['target']:.4g}")
@@ -173,10 +179,65 @@ def plot(result: dict, path: Path) -> None:
     else:
         ax_s.legend(fontsize=8)
         fig.tight_layout()
+    _save(fig, path)
+
+
+
+
+def fidelity_diversity_curves(groups) -> list[dict]:
+    """Per group (compare's Group: .label, .runs with their .records), mean precision and recall at each
+    evaluation step that all its seeds have both at: how fidelity and diversity move together over training.
+    Empty when the runs have no such evaluations."""
+    out = []
+    for g in groups:
+        by_step: dict[int, list[tuple[float, float]]] = {}
+        for r in g.runs:
+            for rec in r.records:
+                if _is_number(rec.get("precision")) and _is_number(rec.get("recall")):
+                    by_step.setdefault(rec["step"], []).append((rec["precision"], rec["recall"]))
+        steps = [s for s in sorted(by_step) if len(by_step[s]) == len(g.runs)]
+        if steps:
+            out.append({"label": g.label, "seeds": len(g.runs), "step": steps,
+                        "precision": [statistics.fmean(p for p, _ in by_step[s]) for s in steps],
+                        "recall": [statistics.fmean(r for _, r in by_step[s]) for s in steps]})
+    return out
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def precision_recall_plot(curves: list[dict], path: Path) -> None:
+    """Fidelity (precision) against diversity (recall) over training: one line per group through its
+    evaluations in step order, the first and last step labelled."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 6))
+    for i, c in enumerate(curves):
+        colour = f"C{i}" if len(curves) <= 10 else plt.get_cmap("tab20")(i % 20)
+        ax.plot(c["recall"], c["precision"], "o-", ms=3, color=colour,
+                label=f"{c['label']} ({c['seeds']} seed{'s' if c['seeds'] != 1 else ''})")
+        for j in (0, len(c["step"]) - 1):
+            ax.annotate(f"{c['step'][j]}", (c["recall"][j], c["precision"][j]), fontsize=7, color=colour,
+                        xytext=(3, 3), textcoords="offset points")
+    ax.set_xlabel("recall (diversity: real images near some generated one)")
+    ax.set_ylabel("precision (fidelity: generated images near some real one)")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.grid(alpha=0.3)
+    ax.set_title("precision vs recall over training (mean over seeds; labels: steps)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def _save(fig, path: Path) -> None:
+    """Write the figure all at once (a temporary file renamed over `path`) and free it."""
+    import matplotlib.pyplot as plt
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp.png")
     fig.savefig(tmp, dpi=110)
     plt.close(fig)
     os.replace(tmp, path)
-
-
