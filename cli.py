@@ -306,8 +306,9 @@ def compare(run_dirs, out, metric, target, also_at, baseline, force, common_step
 
     Per group: seeds (* = still running), best metric (mean ± std over seeds) and the step of each
     seed's best, final metric, steps and training time to reach the target (per seed the first
-    evaluation at or below it), speed-up = baseline's steps (time) to target / the group's, and
-    seconds per step. The PNG shows mean and min..max band over seeds vs step and vs training time.
+    evaluation at or below it; at or above for precision, recall, density and coverage), speed-up =
+    baseline's steps (time) to target / the group's, and seconds per step. The PNG shows mean and min..max
+    band over seeds vs step and vs training time.
 
     Runs with no evaluations yet are skipped with a warning; runs with different data.source/path/split
     or eval.reference/reference_samples/num_samples are refused unless --force.
