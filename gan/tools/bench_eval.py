@@ -76,8 +76,7 @@ def bench_manifold_metrics(device: torch.device, fake: torch.Tensor, real: torch
 def bench_frechet_distance(device: torch.device, features: torch.Tensor, reference: torch.Tensor, repeats: int) -> Row:
     """FID from the two sets' 2048-d statistics (float64): ours (eigenvalues on `device`, the reference
     covariance's root computed once beforehand, as the Evaluator caches it) vs torch-fidelity's
-    fid_statistics_to_metric (SciPy's sqrtm on the CPU), alternating, median of `repeats` after ours warms up."""
-    import warnings
+    fid_statistics_to_metric (NumPy's eigenvalues of the covariances' product on the CPU), alternating, median of `repeats` after ours warms up."""
     from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
     from gan.eval import fid
     (mu1, s1), (mu2, s2) = fid.statistics(features.to(device)), fid.statistics(reference.to(device))
@@ -93,9 +92,7 @@ def bench_frechet_distance(device: torch.device, features: torch.Tensor, referen
         out["ours"] = fid.frechet_distance(mu1, s1, mu2, s2, root)
 
     def theirs():
-        with warnings.catch_warnings():  # its sqrtm(disp=) call, deprecated in SciPy 1.17
-            warnings.filterwarnings("ignore", message=".*`disp` argument is deprecated.*")
-            out["theirs"] = fid_statistics_to_metric(*theirs_in, verbose=False)[KEY_METRIC_FID]
+        out["theirs"] = fid_statistics_to_metric(*theirs_in, verbose=False)[KEY_METRIC_FID]
     ours()  # warms up our side only: theirs costs as much the first time as ever after
     t_theirs, t_ours = timed_rounds([theirs, ours], repeats, device)
     return Row("eval", f"Fréchet distance from {s1.shape[0]}-d statistics: ours vs torch-fidelity's",
