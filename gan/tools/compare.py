@@ -21,7 +21,8 @@ from typing import Callable, Optional, Sequence
 from gan.core.config import Config, flatten, keys_where
 from gan.core.errors import UserError
 from gan.core.run_folder import RunFolder
-from gan.tools.compare_report import fidelity_diversity_curves, markdown, plot, precision_recall_plot
+from gan.tools.compare_report import (fidelity_diversity_curves, finite_number, markdown, plot,
+                                      precision_recall_plot)
 
 METRICS = {"fid": "fid", "kid": "kid_mean", "precision": "precision", "recall": "recall", "density": "density",
            "coverage": "coverage"}
@@ -58,8 +59,6 @@ def _short(key: str) -> str:
     return key[len("model."):] if key.startswith("model.") else key
 
 
-def _finite(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
 def _mean_std(values: list[float]) -> tuple[Optional[float], Optional[float]]:
@@ -121,9 +120,9 @@ def read_run(path: Path, metric_key: str) -> Run:
         raise CompareError(f"compare: {e}") from None
     records = folder.read_metrics()
     evals = [{"step": r["step"], "value": float(r[metric_key]),
-              "train_time": float(r["train_time"]) if _finite(r.get("train_time")) else None}
-             for r in records if _finite(r.get(metric_key))]
-    sps = [r["sec_per_step"] for r in records if _finite(r.get("sec_per_step"))]
+              "train_time": float(r["train_time"]) if finite_number(r.get("train_time")) else None}
+             for r in records if finite_number(r.get(metric_key))]
+    sps = [r["sec_per_step"] for r in records if finite_number(r.get("sec_per_step"))]
     flat = flatten(config.to_dict())
     for k in ("data.path", "eval.reference"):
         if flat[k] not in ("train", "test"):

@@ -193,7 +193,7 @@ def fidelity_diversity_curves(groups) -> list[dict]:
         by_step: dict[int, list[tuple[float, float]]] = {}
         for r in g.runs:
             for rec in r.records:
-                if _is_number(rec.get("precision")) and _is_number(rec.get("recall")):
+                if finite_number(rec.get("precision")) and finite_number(rec.get("recall")):
                     by_step.setdefault(rec["step"], []).append((rec["precision"], rec["recall"]))
         steps = [s for s in sorted(by_step) if len(by_step[s]) == len(g.runs)]
         if steps:
@@ -203,7 +203,8 @@ def fidelity_diversity_curves(groups) -> list[dict]:
     return out
 
 
-def _is_number(v) -> bool:
+def finite_number(v) -> bool:
+    """A metrics.jsonl value that is a finite number (not a bool, None or NaN)."""
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
