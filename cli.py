@@ -248,13 +248,16 @@ def diagnose(checkpoint, out_dir, num_samples, channels, device):
               type=click.Choice(["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
               help="train, norm: time the step compiled in this torch.compile mode against eager "
                    "[bare --compile: default]; compilation is not timed.")
+@click.option("--against", metavar="REV",
+              help="norm: this checkout's MN beside MN at git revision REV, in one run (step time, memory, one "
+                   "layer's eager ops and compiled launches).")
 @click.option("--json", "json_file", type=click.Path(dir_okay=False), help="Also write the numbers here.")
 @user_errors
-def bench(which, device, steps, repeats, ngf, eval_images, weights, kernels, compile_mode, json_file):
+def bench(which, device, steps, repeats, ngf, eval_images, weights, kernels, compile_mode, against, json_file):
     """Speed as ratios measured side by side in this process (median of repeats, after warm-up).
 
-    train: our step vs the classic DCGAN example's loop; norm: MN vs BN step time and memory;
-    eval: our Inception feature extraction vs torch-fidelity's default path, and their FIDs.
+    train: our step vs the classic DCGAN example's loop; norm: MN vs BN step time and memory (with --against
+    REV: this MN vs REV's); eval: our Inception feature extraction vs torch-fidelity's default path, and their FIDs.
     With --compile: train and norm compiled vs eager (all = both). The last line is the headline ratio.
     """
     import dataclasses
@@ -265,10 +268,12 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, kernels, com
         raise click.BadParameter("--steps, --repeats, --ngf and --eval-images must be positive")
     if compile_mode and which == "eval":
         raise click.BadParameter("--compile times the training step: bench train, norm or all")
+    if against is not None and (which != "norm" or compile_mode):
+        raise click.BadParameter("--against compares MN's code: bench norm, without --compile")
     if warning := busy_warning(dev):
         click.echo(warning, err=True)
     rows = run_benches(which, dev, BenchOptions(steps, repeats, ngf, eval_images, weights, kernels,
-                                                 compile=compile_mode))
+                                                 compile=compile_mode, against=against))
     click.echo(format_table(rows, dev))
     if json_file:
         Path(json_file).write_text(json.dumps([dataclasses.asdict(r) for r in rows], indent=2) + "\n")

@@ -74,6 +74,22 @@ def region_for(key: str, fn: Callable) -> Region:
     return _REGIONS[key, fn]
 
 
+def snapshot(gmm):
+    """A mixture read from the buffers, as values torch.compile's partitioner saves for backward instead of
+    re-reading the buffers there. For a compiled training step, which overwrites these buffers at its end.
+
+    The partitioner may recompute a cheap function of them (the shift, a posterior) in the backward instead of
+    saving it, and then reads the overwritten state: silently wrong gradients (seen with aot_eager and inductor,
+    torch 2.14; pytorch/pytorch PR 197039 is the upstream fix). A matmul is never recomputed, so the state goes
+    through one: identity @ packed state, in float64 so that no reduced-precision matmul mode (TF32) rounds it.
+    Exact: every output is 1 * x + 0 * (others).
+    """
+    packed = torch.cat(list(gmm), 1)
+    eye = torch.eye(packed.shape[0], dtype=torch.float64, device=packed.device)
+    sizes = [t.shape[1] for t in gmm]
+    return type(gmm)(*(eye @ packed.double()).to(packed.dtype).split(sizes, 1))
+
+
 def resolve(fuse: str, x: torch.Tensor) -> bool:
     """Whether MN runs compiled for input x: "auto" on a GPU only."""
     if fuse == "auto":

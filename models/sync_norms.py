@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn as nn
 from torch import Tensor
 
-from models.gmm import Reduce, identity
+from models.mixture_core import Sums, identity
 
 
 def _distributed() -> bool:
@@ -59,9 +59,11 @@ class SyncedStatistics:
         dist.all_reduce(t, group=group)
         return t
 
-    def _reducer(self) -> Reduce:
-        """_all_reduce, or the plain identity when not distributed (lets callers skip packing)."""
-        return identity if self._world()[0] == 1 else self._all_reduce
+    def _reducer(self) -> Sums:
+        """The layer's sums over samples: its own (the identity), or all-reduced differentiably over the group."""
+        if self._world()[0] == 1:
+            return identity
+        return lambda t: self._all_reduce(t, differentiable=True)
 
     def _first_rank_only(self, t: Tensor) -> Tensor:
         """Makes rank 0's t (k-means++ seeds, drawn locally) everybody's t."""

@@ -86,7 +86,7 @@ def test_skewed_input_has_positive_skewness(tmp_path):
 
 def test_mode_overlap_is_0_for_separated_and_1_for_identical_components():
     from gan.tools.diagnose import mode_overlap
-    from models.mixture_norm import GMM
+    from models.mixture_core import GMM
     c = 4
     lam = torch.tensor([0.5, 0.3, 0.2])
     # 20 std apart: BC = exp(-20^2 / 8) = exp(-50) for every pair and channel.

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn as nn
 
-from models.gmm import GMM, fit_gmm
+from models import mixture_core as core
+from gan.tools.diagnose import fit_gmm
 from models.mixture_norm import MixtureNorm1d, MixtureNorm2d
 from tests.conftest import assert_k1_is_batchnorm, assert_trains_finite
-from tests.mn_reference import gmm_posteriors, mixture_normalize
+from tests import mn_spec
 
 
 pytestmark = pytest.mark.usefixtures("torch_seed0")
@@ -94,10 +95,9 @@ def test_posteriors_and_tauhat_normalized():
     xhat = torch.einsum("nkl,nkcl->ncl", w, (xs[:, None] - E[None, :, :, None])
                         / (V[None, :, :, None] + m.eps).sqrt())
     torch.testing.assert_close(y.reshape(8, 5, 16), xhat, **tol)
-    # Posteriors of the public helper agree with the layer's.
-    gmm = GMM(info["lam"], info["mu"], info["sigma2"])
-    tau2 = gmm_posteriors(xs.transpose(1, 2).reshape(-1, 5), gmm)
-    torch.testing.assert_close(tau2, tau.transpose(1, 2).reshape(-1, 3), **tol)
+    # The spec's posteriors under the mixture the layer reports are the layer's.
+    tau2 = mn_spec.posteriors(xs.transpose(1, 2).reshape(-1, 5), info["lam"][:, None], info["mu"], info["sigma2"])
+    torch.testing.assert_close(tau2[:, :, 0], tau.transpose(1, 2).reshape(-1, 3), **tol)
 
     m.eval()
     _, info = m.forward_with_info(x)
@@ -266,44 +266,51 @@ def test_eval_output_independent_of_batch():
 # --------------------------------------------------------------------------------------
 
 
-def test_gradcheck_detached_posteriors():
-    """detach_posteriors=True: the hand-written backward is the exact gradient at fixed tau."""
-    x = torch.randn(3, 4, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.rand(4, dtype=torch.float64, requires_grad=True)
-    b = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    scale = torch.rand(3, dtype=torch.float64) + 0.5
-    tau = torch.softmax(2 * torch.randn(3, 3, 5, dtype=torch.float64), 1)
-    shift = torch.randn(4, dtype=torch.float64)
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: mixture_normalize(x, tau, scale, w, b, shift=shift), (x, w, b))
-    # ... also when a component is (almost) empty and the n_k clamp is active.
-    tau_empty = tau.clone()
-    tau_empty[:, 2] *= 1e-3
-    tau_empty /= tau_empty.sum(1, keepdim=True)
-    assert tau_empty[:, 2].sum() < 1
-    assert torch.autograd.gradcheck(
-        lambda x, w, b: mixture_normalize(x, tau_empty, scale, w, b, shift=shift), (x, w, b))
-    # The module uses exactly this function with tau held fixed.
+@pytest.mark.parametrize("groups", [1, 4], ids=["joint", "per_channel"])
+@pytest.mark.parametrize("detach", [True, False], ids=["detached", "through-tau"])
+@pytest.mark.parametrize("empty", [False, True], ids=["", "empty-component"])
+def test_gradcheck_of_the_core(groups, detach, empty):
+    """The core's training transform (models/mixture_core.py) has the exact gradient in x, gamma and beta: at
+    fixed posteriors (what detach_posteriors differentiates), and through them (the whole step, mixture kept by
+    em_steps 0); also when a component holds almost no sample and the n_k clamp is on (its mean far away)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(18, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    w = (torch.rand(4, dtype=torch.float64, generator=g) + 0.5).requires_grad_()
+    b = torch.randn(4, dtype=torch.float64, generator=g, requires_grad=True)
+    mu = torch.randn(3, 4, dtype=torch.float64, generator=g)
+    if empty:
+        mu[2] += 30.0
+    stored = core.GMM(torch.full((3, groups), 1 / 3, dtype=torch.float64), mu,
+                      torch.rand(3, 4, dtype=torch.float64, generator=g) + 0.5)
+    o = core.Options(3, groups, 1e-5, 0, 4096, 10, 1e-2, 1e-4, True, detach, 5, False)
+    step = core.train_forward(x, stored, w, b, o)
+    assert (step.n[2].max() < 1) == empty
+    shift, tau = step.shift, step.tau.detach()
+
+    def at_fixed_posteriors(x, w, b):
+        n, E, V = core.statistics(core.moments(tau, core.features(x - shift, groups)), shift)  # core.transform
+        return core.mix(x, tau, *core.coefficients(stored.lam, E, V, w, b, o))
+
+    def whole_step(x, w, b):
+        return core.train_forward(x, stored, w, b, o).y
+
+    if detach:
+        torch.testing.assert_close(at_fixed_posteriors(x, w, b), step.y, rtol=0, atol=1e-12)
+    assert torch.autograd.gradcheck(at_fixed_posteriors if detach else whole_step, (x, w, b))
+
+
+def test_channels_last_and_contiguous_input_give_the_same_numbers():
+    """The layer reads channels-last input as a view and contiguous input through a copy: the same numbers."""
     m = MixtureNorm2d(4).double()
-    xm = torch.randn(3, 4, 2, 3, dtype=torch.float64, requires_grad=True)
-    y, info = m.forward_with_info(xm)
-    xr = xm.detach().clone().requires_grad_()
-    # With the layer's shift (on its first step, the batch mean): it matters where a component holds less
-    # than one sample's mass (E_k shrinks toward it), which a batch of 18 samples can give.
-    y_ref = mixture_normalize(xr.reshape(3, 4, 6), info["tau"].reshape(3, 3, 6), info["scale"], m.weight, m.bias,
-                              detach_posteriors=False, shift=xm.detach().mean((0, 2, 3)))
-    g = torch.randn_like(y)
-    (y * g).sum().backward()
-    (y_ref.reshape(y.shape) * g).sum().backward()
-    torch.testing.assert_close(y, y_ref.reshape(y.shape), **F64_TOL)
-    torch.testing.assert_close(xm.grad, xr.grad, **F64_TOL)
-    # Same numbers when the input is channels-last (another code path: one GEMM per sum).
-    m.zero_grad()
     m_cl = copy.deepcopy(m)
     x = torch.randn(3, 4, 2, 3, dtype=torch.float64)
+    g = torch.randn(3, 4, 2, 3, dtype=torch.float64)
     x1 = x.clone().requires_grad_()
     x2 = x.contiguous(memory_format=torch.channels_last).requires_grad_()
-    y1, y2 = m(x1), m_cl(x2)
+    torch.manual_seed(0)  # the same k-means++ seeds on both
+    y1 = m(x1)
+    torch.manual_seed(0)
+    y2 = m_cl(x2)
     (y1 * g).sum().backward()
     (y2 * g).sum().backward()
     torch.testing.assert_close(y2, y1, **F64_TOL)

@@ -9,6 +9,7 @@
   eager and fused vs BN, with what each launches.
 - train|norm --compile MODE: the same steps compiled by torch.compile in MODE ("default": kernel fusion;
   "reduce-overhead": CUDA graphs too) vs eager: BN compiled vs eager; MN vs BN both compiled, MN compiled vs eager.
+- norm --against REV: this checkout's MN beside REV's (gan/tools/bench_against.py).
 - eval:  our Inception feature extraction vs a default `torch_fidelity.calculate_metrics` call on the
   same images, and the FID each gives; then FID from those images' 2048-d statistics, ours vs
   torch-fidelity's `fid_statistics_to_metric`.
@@ -26,26 +27,11 @@ from typing import Callable
 import torch
 import torch.nn as nn
 
-from gan.core.config import load_config
 from gan.core.data import ImageData
-from gan.tools.bench_common import Row, alternate, alternate_all, sync, synthetic_data
+from gan.tools.bench_common import (Row, activation_bytes, alternate, alternate_all, make_trainer, run_steps, sync,
+                                    synthetic_data)
 from gan.tools.bench_eval import bench_eval
 from gan.tools.op_count import compiled_generator_kernels, compiled_launches, count_ops
-
-
-def make_trainer(device: str, norm: str, data: ImageData, run_dir: Path, **overrides):
-    """Our real Trainer, on in-memory data, with logging off: what a training run executes per step."""
-    from gan.core.train import Trainer
-    o = {"run_dir": str(run_dir), "model.norm": norm, "train.device": device, "eval.every": 0,
-         "log.sample_every": 0, "ckpt.every": 0, "log.wandb": "disabled", "data.source": "folder",
-         "data.path": "in-memory", **overrides}
-    return Trainer(load_config(None, o), overwrite=True, progress=False, data=data)
-
-
-def run_steps(trainer, n: int) -> None:
-    for _ in range(n):
-        trainer.train_step()
-        trainer.step += 1
 
 
 class ReferenceLoop:
@@ -162,20 +148,6 @@ def bench_norm_compiled(device: torch.device, steps: int, repeats: int, ngf: int
                 t_mn_e / t_mn_c)]
 
 
-def _activation_bytes(trainer) -> int:
-    """Bytes autograd saves for backward in one generator+discriminator step: the memory a step needs
-    beyond the weights, and the part MN changes. Measured by hooks, so it works on the CPU too."""
-    total = 0
-
-    def pack(t):
-        nonlocal total
-        total += t.numel() * t.element_size()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        trainer.train_step()
-    return total
-
-
 # MN variants for `bench norm`: name -> config overrides, the variants of configs/study-mn-variants-runs.yaml
 # with the settings that study used (fresh fits run 5 EM iterations). lambda_min and prior_scaling are left
 # out: they change a constant, not the work. The first (the defaults) keeps the row names that earlier bench
@@ -233,7 +205,7 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
                 run_steps(tr, 2)
                 peaks.append(torch.cuda.max_memory_allocated(device) / 2**20)
         else:
-            what, peaks = "tensors saved for backward per step", [_activation_bytes(tr) / 2**20 for tr in trainers]
+            what, peaks = "tensors saved for backward per step", [activation_bytes(tr) / 2**20 for tr in trainers]
         # On a GPU each aten op is about one kernel launch, and at these sizes launches bound the step: the
         # count tells on any machine what a GPU step will cost. (It includes the optimizer, which a CPU runs
         # tensor by tensor and a GPU fused: the difference MN - BN is the figure to watch.) Compiled code does not
@@ -329,6 +301,7 @@ class BenchOptions:
     weights: str | None = None  # Inception weights for eval
     kernels: bool = False    # norm: also count the kernels of a compiled generator step (slow to compile)
     compile: str | None = None  # train, norm: a torch.compile mode (train.compile_mode's, less auto) vs eager
+    against: str | None = None  # norm: a git revision whose MN runs beside this checkout's
 
 
 # name -> benchmark, in the order `bench all` runs them.
@@ -377,6 +350,9 @@ COMPILED_BENCHES: dict[str, Callable[[torch.device, BenchOptions], list[Row]]] =
 
 def run_benches(which: str, device: torch.device, options: BenchOptions) -> list[Row]:
     """The rows of one benchmark, or of every one for "all" (with options.compile: train and norm compiled)."""
+    if options.against is not None:
+        from gan.tools.bench_against import bench_against
+        return bench_against(device, options.against, options.steps, options.repeats, options.ngf)
     benches = COMPILED_BENCHES if options.compile else BENCHES
     names = list(benches) if which == "all" else [which]
     return [row for name in names for row in benches[name](device, options)]

@@ -1,14 +1,16 @@
-"""What every benchmark shares: its result row, synthetic images, and timing that alternates between the
+"""What every benchmark shares: its result row, synthetic images, our Trainer on them, and timing that alternates between the
 sides so that drift (other processes, clocks, thermals) hits both alike."""
 from __future__ import annotations
 
 import statistics
 import time
+from pathlib import Path
 from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
+from gan.core.config import load_config
 from gan.core.data import ImageData
 
 
@@ -60,3 +62,32 @@ def alternate(a: Callable[[], None], b: Callable[[], None], repeats: int, device
 def synthetic_data(n: int = 4096, seed: int = 0) -> ImageData:
     images = torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
     return ImageData(images, torch.zeros(n, dtype=torch.int64), ["synthetic"], f"synthetic-{n}-{seed}")
+
+
+def make_trainer(device: str, norm: str, data: ImageData, run_dir: Path, **overrides):
+    """Our real Trainer, on in-memory data, with logging off: what a training run executes per step."""
+    from gan.core.train import Trainer
+    o = {"run_dir": str(run_dir), "model.norm": norm, "train.device": device, "eval.every": 0,
+         "log.sample_every": 0, "ckpt.every": 0, "log.wandb": "disabled", "data.source": "folder",
+         "data.path": "in-memory", **overrides}
+    return Trainer(load_config(None, o), overwrite=True, progress=False, data=data)
+
+
+def run_steps(trainer, n: int) -> None:
+    for _ in range(n):
+        trainer.train_step()
+        trainer.step += 1
+
+
+def activation_bytes(trainer) -> int:
+    """Bytes autograd saves for backward in one generator+discriminator step: the memory a step needs
+    beyond the weights, and the part MN changes. Measured by hooks, so it works on the CPU too."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        trainer.train_step()
+    return total

@@ -17,7 +17,8 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from models.gmm import GMM, fit_gmm
+from models import mixture_core as core
+from models.mixture_core import GMM
 from models.mixture_norm import MixtureNorm
 
 # Every BN flavour (1d/2d/3d, SyncBatchNorm) and every MN flavour.
@@ -78,6 +79,23 @@ def _mean_weights(lam: Tensor) -> list[float]:
     if lam.dim() == 2:
         lam = lam.sort(0, descending=True).values.mean(1)
     return [round(float(v), 4) for v in lam]
+
+
+@torch.no_grad()
+def fit_gmm(x: Tensor, num_components: int = 3, iters: int = 20, var_floor: float = 1e-4, eps: float = 1e-5,
+            max_samples: int | None = None) -> GMM:
+    """A joint GMM fitted to the rows of x (M, C) as an MN layer's first step fits one (models/mixture_core.py):
+    k-means++ seeding, then `iters` EM iterations, with the same floors and guards; lam is (K,). At most
+    max_samples random rows."""
+    x = x.detach()
+    x = x.double() if x.dtype == torch.float64 else x.float()
+    if max_samples is not None and x.shape[0] > max_samples:
+        x = x[torch.randint(x.shape[0], (max_samples,), device=x.device)]
+    shift = x.mean(0)
+    o = core.Options(num_components, 1, eps, 0, x.shape[0], 0, 1e-2, var_floor, True, True, 1, False)
+    seeds = core.seed(x - shift, o, core.identity, core.identity)
+    gmm, _ = core.em(core.features(x - shift, 1), seeds, iters, o, core.identity)
+    return GMM(gmm.lam[:, 0], gmm.mu + shift, gmm.sigma2)
 
 
 def _layer_gmm(layer: nn.Module, pre: Tensor, num_components: int) -> GMM:

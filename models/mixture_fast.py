@@ -1,0 +1,68 @@
+"""MN's eager fast path: the training transform at fixed posteriors (detach_posteriors, the default) with a
+hand-written backward. The same maths as models/mixture_core.py's `transform` (tests/test_mixture_fast.py holds
+the two equal in float64); what it buys, against autograd through the core, is in `bench norm --against`.
+
+With tau constant the transform is a tau-weighted sum of K BatchNorm-like maps, and its gradient is again a
+product of tau with K x C coefficients. Autograd through the core keeps the samples' features and the
+intermediate products for backward, and dispatches each of the statistics' small ops again in reverse; this
+keeps x and tau (about what BatchNorm keeps) and computes the input gradient in two products.
+
+The backward, with tauhat_ik = tau_ik / n_k, xc = x - shift, and the clamp n_k = max(n_true_k, 1):
+    dx_i = sum_k tau_ik [P_k dy_i - b_k x_i + alpha_k]
+    b_k = P_k h_k / (n_k (V_k + eps)),  alpha_k = b_k (shift + (2 - n_true_k / n_k) Ec_k) - P_k g_k / n_k
+from the sums g_k = sum_i tau_ik dy_i and h_k = sum_i tau_ik dy_i (x_i - E_k): the first term through the mean
+in P_k x + Q_k, the other two through E_k and V_k. Like SyncBatchNorm, gamma's and beta's gradients stay local
+(data parallelism averages them) and the sums behind the input gradient are global.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from models import mixture_core as core
+
+
+class Transform(torch.autograd.Function):
+    """core.transform's (y, n, E, V) with the backward above; n, E and V are not differentiable."""
+
+    @staticmethod
+    def forward(ctx, x, f, tau, shift, lam, weight, bias, o: core.Options, sums):
+        n, E, V = core.statistics(sums(core.moments(tau, f)), shift)
+        P, Q = core.coefficients(lam, E, V, weight, bias, o)
+        gain = core.spread(core.gain(lam, o), x.shape[1])  # not lam itself: the layer's buffer, rewritten in place
+        ctx.save_for_backward(x, tau, shift, gain, n, E, V, P)
+        ctx.o, ctx.sums = o, sums
+        ctx.mark_non_differentiable(n, E, V)
+        ctx.set_materialize_grads(False)
+        return core.mix(x, tau, P, Q), n, E, V
+
+    @staticmethod
+    def backward(ctx, dy, _dn, _dE, _dV):
+        if dy is None:
+            return (None,) * 9
+        x, tau, shift, gain, n_true, E, V, P = ctx.saved_tensors
+        G, C = tau.shape[2], x.shape[1]
+        # g_k and sum_i tau_ik dy_i x_i in one product; h_k from them (E in input units).
+        sums = torch.einsum("mkg,mgd->kgd", tau, torch.cat([core.grouped(dy, G), core.grouped(dy * x, G)], 2))
+        g, m = (t.flatten(1) for t in sums.chunk(2, 2))
+        h = m - E * g
+        d_weight = (gain * (V + ctx.o.eps).rsqrt() * h).sum(0) if ctx.needs_input_grad[5] else None
+        d_bias = g.sum(0) if ctx.needs_input_grad[6] else None
+        d_x = None
+        if ctx.needs_input_grad[0]:
+            g, h = ctx.sums(torch.cat([g, h], 1)).chunk(2, 1)
+            n = n_true.clamp_min(1.0)
+            Pn = P / core.spread(n, C)
+            b = Pn * h / (V + ctx.o.eps)
+            alpha = b * (shift + core.spread(2.0 - n_true / n, C) * (E - shift)) - Pn * g
+            coef = torch.cat([core.grouped(t, G) for t in (P, b, alpha)], 2)  # (K, G, 3D)
+            A, B, Cc = (t.flatten(1) for t in torch.einsum("mkg,kgd->mgd", tau, coef).chunk(3, 2))
+            d_x = dy * A - x * B + Cc
+        return d_x, None, None, None, None, d_weight, d_bias, None, None
+
+
+def transform(x: Tensor, f: Tensor, tau: Tensor, shift: Tensor, lam: Tensor, weight, bias, o: core.Options,
+              sums: core.Sums = core.identity):
+    """core.transform, with this module's backward (tau must be constant: detach_posteriors). The features f
+    enter detached, so that nothing keeps their autograd graph."""
+    return Transform.apply(x, f.detach(), tau, shift, lam, weight, bias, o, sums)
