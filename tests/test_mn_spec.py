@@ -2,7 +2,7 @@
 docs/mixture-normalization.md, written without models/) in float64, forward and backward, training and eval.
 
 A warm training step starts from a stored mixture that the test sets, so that the spec's EM can start from
-the same one; k-means++ seeding (the first step, and `fit: fresh`) draws random seeds and is not compared here.
+the same one; a fresh fit's k-means++ draws its seeds at random, and the spec starts from the seeds it drew.
 The data are three well separated modes, so that no component comes near the guards' clamps.
 """
 from __future__ import annotations
@@ -143,3 +143,51 @@ def test_one_component_is_batchnorm_by_the_spec_too():
     torch.testing.assert_close(mn_spec.from_rows(y, x.shape), want, rtol=0, atol=1e-12)
     g = torch.autograd.grad(y.square().sum(), x)[0]
     torch.testing.assert_close(g, torch.autograd.grad(want.square().sum(), x)[0], rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize("per_channel", [False, True], ids=["joint", "per_channel"])
+@pytest.mark.parametrize("em_steps", [1, 3])
+def test_fresh_fit_equals_the_spec_from_its_seeds(per_channel, em_steps, monkeypatch):
+    """fit: fresh. k-means++ draws the seeds at random, so the spec starts from the seeds the layer drew: from
+    them, em_steps of the spec's EM, the components relabelled to the stored mixture's order by the spec's
+    greedy matching (per group, the pair of least standardized distance first), then the spec's transform."""
+    from models import mixture_core as core
+    seeds = []
+    seed = core.seed
+
+    def recording(xs, o, sums, first_rank_only):
+        seeds.append(seed(xs, o, sums, first_rank_only))
+        return seeds[-1]
+
+    monkeypatch.setattr(core, "seed", recording)
+    layer = _layer(per_channel, em_steps=em_steps, fit="fresh")
+    x = _data(seed=5)
+    shift = layer.gmm_lambda.reshape(K, -1).expand(K, C).mul(layer.gmm_mu).sum(0)  # the stored mixture's mean
+    y = layer(x)
+    (lam, mu, sigma2), = [(s.lam, s.mu + shift, s.sigma2) for s in seeds]
+    rows = mn_spec.as_rows(x)
+    for _ in range(em_steps):
+        lam, mu, sigma2 = mn_spec.em_step(rows, lam, mu, sigma2, VAR_FLOOR, EPS)
+    _, prev_mu, prev_sigma2 = _stored(per_channel)
+    groups = C if per_channel else 1
+    order = torch.empty(K, groups, dtype=torch.long)
+    for g in range(groups):
+        cols = slice(g, g + 1) if per_channel else slice(None)
+        cost = {(j, k): (((mu[j, cols] - prev_mu[k, cols]) ** 2) / (sigma2[j, cols] + prev_sigma2[k, cols])).sum()
+                for j in range(K) for k in range(K)}
+        new, old = set(), set()
+        for j, k in sorted(cost, key=cost.get):
+            if j not in new and k not in old:
+                order[k, g] = j
+                new.add(j), old.add(k)
+    pick = lambda t: t.gather(0, order if t.shape[1] == groups else order.expand(K, C))
+    fit = (pick(lam), pick(mu), pick(sigma2))
+    stored_lam = layer.gmm_lambda if per_channel else layer.gmm_lambda[:, None]
+    for got, want in zip((stored_lam, layer.gmm_mu, layer.gmm_sigma2), fit):
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-10)
+    tau = mn_spec.posteriors(rows, *fit)
+    _, E, V = mn_spec.statistics(rows, tau)
+    y_spec = mn_spec.transform(rows, tau, fit[0], E, V, EPS, LAMBDA_MIN, True,
+                               torch.linspace(0.5, 1.5, C, dtype=torch.float64),
+                               torch.linspace(-0.2, 0.3, C, dtype=torch.float64))
+    torch.testing.assert_close(y, mn_spec.from_rows(y_spec, x.shape), rtol=0, atol=1e-10)
