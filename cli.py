@@ -178,11 +178,15 @@ def train(config_path, norm, steps, batch_size, seed, out, device, data, sets, r
 @click.option("--reference", help="Real images to compare with: train, test or a folder/zip [default: the run's].")
 @click.option("--g-mode", type=click.Choice(["eval", "train"]),
               help="Sample with running statistics (eval) or batch statistics (train) [default: the run's].")
+@click.option("--vgg16-prc", is_flag=True,
+              help="Also precision_vgg16 and recall_vgg16 (VGG16 features) [default: the run's metrics.vgg16_prc].")
+@click.option("--fd-dinov2", is_flag=True,
+              help="Also fd_dinov2 (Fréchet distance on DINOv2 features) [default: the run's metrics.fd_dinov2].")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @user_errors
-def evaluate(checkpoint, num_samples, out_file, grid, device, reference, g_mode, quiet):
+def evaluate(checkpoint, num_samples, out_file, grid, device, reference, g_mode, vgg16_prc, fd_dinov2, quiet):
     """Print FID, KID, precision, recall, density and coverage (and IS when the full Inception weights are
-    present) of a trained generator.
+    present) of a trained generator; the extras too where asked for and their weights can be had.
 
     CHECKPOINT is a checkpoint file or a run folder (its newest valid checkpoint).
     """
@@ -192,7 +196,9 @@ def evaluate(checkpoint, num_samples, out_file, grid, device, reference, g_mode,
     for path in (out_file, grid):
         if path:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
-    result = evaluate_checkpoint(checkpoint, num_samples, device, reference, grid, g_mode, progress=not quiet)
+    extras = [k for k, on in (("vgg16_prc", vgg16_prc), ("fd_dinov2", fd_dinov2)) if on]
+    result = evaluate_checkpoint(checkpoint, num_samples, device, reference, grid, g_mode, progress=not quiet,
+                                 extras=extras)
     text = json.dumps(result, indent=2)
     click.echo(text)
     if out_file:
@@ -284,11 +290,13 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, kernels, com
 @click.argument("run_dirs", nargs=-1, required=True, type=click.Path())
 @click.option("--out", type=click.Path(file_okay=False),
               help="Folder for the outputs [default: <the runs' common parent>/compare].")
-@click.option("--metric", type=click.Choice(["fid", "kid", "precision", "recall", "density", "coverage"]),
+@click.option("--metric", type=click.Choice(["fid", "kid", "precision", "recall", "density", "coverage",
+                                             "precision_vgg16", "recall_vgg16", "fd_dinov2"]),
               default="fid", show_default=True,
-              help="Metric to compare (kid uses kid_mean; precision, recall, density and coverage are better "
-                   "higher); fid writes compare.*, the others compare-<metric>.*. With precision and recall "
-                   "in the runs, precision-recall.png plots one against the other over training.")
+              help="Metric to compare (kid uses kid_mean; precision, recall, density and coverage, and "
+                   "precision_vgg16 and recall_vgg16, are better higher); fid writes compare.*, the others "
+                   "compare-<metric>.*. With precision and recall in the runs, precision-recall.png plots "
+                   "one against the other over training.")
 @click.option("--target", type=float,
               help="Metric value for 'steps to target' [default: the baseline group's best, mean over seeds].")
 @click.option("--also-at", metavar="V1,V2,...", callback=_comma_list, default="",
@@ -311,7 +319,8 @@ def compare(run_dirs, out, metric, target, also_at, baseline, force, common_step
 
     Per group: seeds (* = still running), best metric (mean ± std over seeds) and the step of each
     seed's best, final metric, steps and training time to reach the target (per seed the first
-    evaluation at or below it; at or above for precision, recall, density and coverage), speed-up =
+    evaluation at or below it; at or above for precision, recall, density, coverage and the VGG16
+    precision and recall), speed-up =
     baseline's steps (time) to target / the group's, and seconds per step. The PNG shows mean and min..max
     band over seeds vs step and vs training time.
 

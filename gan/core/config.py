@@ -179,6 +179,11 @@ class MetricsConfig:
     # Precision and recall (k = 3), density and coverage (k = 5) of the Inception features at every evaluation,
     # against a fixed subset of the reference as large as the generated set (gan/eval/prdc.py).
     prdc: bool = key(True, groups=False)
+    # Extras on other networks' features (gan/eval/extras.py): precision_vgg16 and recall_vgg16 (k = 3), and
+    # fd_dinov2 (DINOv2 ViT-L/14). Each needs its weights (fetched once when allow_download; else one line says
+    # it is skipped) and costs several times Inception's time per image.
+    vgg16_prc: bool = key(False, groups=False)
+    fd_dinov2: bool = key(False, groups=False)
 
 
 @dataclass

@@ -216,9 +216,7 @@ class Trainer:
         def score() -> dict:
             if len(parts) == 1:  # no concatenation: it would copy the features once more
                 return ev.score_features(*parts[0])
-            feats = torch.cat([p[0] for p in parts])
-            logits = torch.cat([p[1] for p in parts]) if parts[0][1] is not None else None
-            return ev.score_features(feats, logits)
+            return ev.score_features(*(_concat([p[i] for p in parts]) for i in range(len(parts[0]))))
         result = {k: v if isinstance(v, int) else float(v) for k, v in distributed.on_main(score).items()}
         result["ema"] = self.ema is not None
         return result
@@ -344,3 +342,13 @@ def _shared(error: UserError) -> UserError:
     """Marks an error that every rank raises alike, so that only rank 0 prints it."""
     error.shared = distributed.is_distributed()
     return error
+
+
+def _concat(values: list):
+    """One output of the evaluator's feature pass, gathered from every rank, joined along the samples: a
+    tensor, None (no logits), or a dict of tensors (the extra metrics' features)."""
+    if values[0] is None:
+        return None
+    if isinstance(values[0], dict):
+        return {k: torch.cat([v[k] for v in values]) for k in values[0]}
+    return torch.cat(values)

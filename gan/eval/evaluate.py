@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import torch
 
@@ -33,7 +34,10 @@ def load_generator(checkpoint: str | Path, device: torch.device) -> tuple[torch.
 
 
 def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: str, reference: str | None,
-                        grid: str | None, g_mode: str | None = None, progress: bool = True) -> dict:
+                        grid: str | None, g_mode: str | None = None, progress: bool = True,
+                        extras: Sequence[str] = ()) -> dict:
+    """The checkpoint's generator scored as its run's config says, with `extras` (metrics.<key> of
+    gan/eval/extras.py, e.g. "fd_dinov2") turned on besides."""
     from torchvision.utils import save_image
 
     from gan.core.device import resolve_device
@@ -47,6 +51,8 @@ def evaluate_checkpoint(checkpoint: str, num_samples: int | None, device_name: s
         cfg.eval.reference = reference
     if g_mode:
         cfg.eval.g_mode = g_mode
+    for key in extras:
+        setattr(cfg.metrics, key, True)
     n = cfg.eval.num_samples if num_samples is None else num_samples
     if n < 2:
         raise UserError("--num-samples must be at least 2")

@@ -5,12 +5,13 @@ to 299 inside), run in batches under ``torch.inference_mode`` with the model in 
 and KID (gan/eval/kid.py) are computed in float64 where the features are, with torch-fidelity's definitions
 and KID subsets, and tested against torch-fidelity's own functions; IS is torch-fidelity's
 ``isc_features_to_metric``. Reference (real-image) features, their FID statistics and the square root of their
-covariance are cached on disk.
+covariance are cached on disk. Optional extras on other networks' features (precision/recall on VGG16, FD_DINOv2)
+are in gan/eval/extras.py.
 
     weights = resolve_inception_weights(None, cache_dir=None)           # gan.eval.inception; offline: no IS
     ev = Evaluator(weights, torch.device("cuda"), lambda: real_uint8, "cifar10-train-50000")
     ev.score(fake_uint8)  # {"fid", "kid_mean", "kid_std", ["isc_mean", "isc_std"], "precision", "recall",
-                          #  "density", "coverage", "num_samples"}
+                          #  "density", "coverage", [the extras' keys], "num_samples"}
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ import logging
 import os
 import re
 import sys
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch_fidelity.defaults import DEFAULTS
@@ -27,7 +28,7 @@ from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, i
 from tqdm.auto import tqdm
 
 from gan.core.checkpoint import atomic_save
-from gan.eval import fid, inception, prdc
+from gan.eval import extras as extra_metrics, fid, inception, prdc
 from gan.eval.inception import InceptionExtractor, InceptionWeights, default_cache_dir
 from gan.eval.kid import kernel_inception_distance
 
@@ -65,10 +66,15 @@ def _check_images(images: torch.Tensor, what: str, min_count: int = 2) -> None:
         raise ValueError(f"{what}: need at least {min_count} images, got {images.shape[0]}")
 
 
-def _reference_cache_name(reference_id: str, weights_identity: str) -> str:
+def _reference_cache_slug(reference_id: str) -> str:
+    """The reference's part of its cache files' names (one per feature extractor)."""
     slug = re.sub(r"[^A-Za-z0-9._-]+", "_", reference_id)[:64]
     rid = hashlib.sha1(reference_id.encode()).hexdigest()[:8]
-    return f"ref-{slug}-{rid}-inception{weights_identity}.pt"
+    return f"ref-{slug}-{rid}"
+
+
+def _reference_cache_name(reference_id: str, weights_identity: str) -> str:
+    return f"{_reference_cache_slug(reference_id)}-inception{weights_identity}.pt"
 
 
 class Evaluator:
@@ -79,12 +85,15 @@ class Evaluator:
     reference features (float32, as the network produces them), their FID statistics and the covariance's
     square root (float64), so ``reference_id`` must change whenever the reference images do (include e.g. the
     split and N in it). Features, statistics and scores stay on ``device`` until the scores are read.
+    ``extras``: keys of gan/eval/extras.py's EXTRAS to compute as well, where their weights can be had
+    (downloaded only if ``allow_download``).
     """
 
     def __init__(self, weights: InceptionWeights, device: torch.device, reference: Callable[[], torch.Tensor],
                  reference_id: str, cache_dir: str | None = None, batch_size: int = 200,
                  kid_subset_size: int = DEFAULTS["kid_subset_size"], kid_subsets: int = DEFAULTS["kid_subsets"],
-                 verbose: bool = True, manifold: bool = True):
+                 verbose: bool = True, manifold: bool = True, extras: Sequence[str] = (),
+                 allow_download: bool = True):
         if batch_size < 1 or kid_subset_size < 2 or kid_subsets < 1:
             raise ValueError("batch_size must be >= 1, kid_subset_size >= 2, kid_subsets >= 1")
         self.weights = weights
@@ -104,6 +113,8 @@ class Evaluator:
         self._ref_on_device: dict | None = None  # the same tensors on the evaluation device
         if not self.has_head:
             _report_is_unavailable()
+        self.extras = extra_metrics.ExtraMetrics(extras, self.device, self.cache_dir, reference_id,
+                                                 _reference_cache_slug(reference_id), allow_download, verbose)
 
     @classmethod
     def from_config(cls, cfg, device: torch.device, train_data=None, progress: bool = True) -> "Evaluator":
@@ -121,9 +132,16 @@ class Evaluator:
         if not distributed.is_main():
             weights = resolve()
         load, ident = build_reference(cfg, train_data, progress)
-        return cls(weights, device, load, ident, cache_dir=m.cache_dir, batch_size=cfg.eval.batch_size,
-                   kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress,
-                   manifold=m.prdc)
+        ev = cls(weights, device, load, ident, cache_dir=m.cache_dir, batch_size=cfg.eval.batch_size,
+                 kid_subset_size=m.kid_subset_size, kid_subsets=m.kid_subsets, verbose=progress,
+                 manifold=m.prdc, extras=extra_metrics.requested(m), allow_download=m.allow_download)
+        if ev.extras.keys:
+            # Rank 0 first, as for the Inception weights; then only the extras every rank has, since rank 0
+            # scores the features all of them send.
+            distributed.on_main(ev.extras.load)
+            loaded = ev.extras.load()
+            ev.extras.keep([k for k in ev.extras.keys if distributed.all_true(k in loaded)])
+        return ev
 
     @property
     def model(self) -> InceptionExtractor:
@@ -138,22 +156,25 @@ class Evaluator:
     def _forward_batch_size(self) -> int:
         return self.batch_size if self.device.type == "cuda" else min(self.batch_size, CPU_MAX_FORWARD_BATCH)
 
-    def _extract(self, images: torch.Tensor, desc: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(2048-d float32 features, float32 logits_unbiased or None), both on the evaluation device: no copy
-        to the host per batch, whose wait would stall the next batch's launch on a GPU."""
+    def _forward(self, model: torch.nn.Module, images: torch.Tensor, desc: str) -> list[torch.Tensor]:
+        """A torch-fidelity extractor's outputs (float32) of uint8 images, each concatenated over the batches,
+        on the evaluation device: no copy to the host per batch, whose wait would stall the next batch's
+        launch on a GPU."""
         n = images.shape[0]
         step = self._forward_batch_size()
-        feats, logits = [], []
+        outs = []
         with torch.inference_mode(), tqdm(total=n, desc=desc, unit="img", leave=False,
                                           disable=not self.verbose) as bar:
             for start in range(0, n, step):
                 batch = images[start:start + step].to(self.device, non_blocking=True)
-                out = self.model(batch)
-                feats.append(out[0].float())
-                if self.has_head:
-                    logits.append(out[1].float())
+                outs.append([o.float() for o in model(batch)])
                 bar.update(batch.shape[0])
-        return torch.cat(feats), (torch.cat(logits) if self.has_head else None)
+        return [torch.cat(parts) for parts in zip(*outs)]
+
+    def _extract(self, images: torch.Tensor, desc: str) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(2048-d float32 features, float32 logits_unbiased or None), both on the evaluation device."""
+        out = self._forward(self.model, images, desc)
+        return out[0], (out[1] if self.has_head else None)
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """Inception pool features (N, 2048) float64 on CPU of uint8 images (N,3,H,W) on any device."""
@@ -226,17 +247,21 @@ class Evaluator:
         return self.score_features(*self.inception_outputs(images, on_device=True))
 
     def inception_outputs(self, images: torch.Tensor, on_device: bool = False
-                          ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(pool features, logits or None) of uint8 images: what score_features takes. On the CPU (one copy
-        to the host at the end), e.g. to be gathered from several processes; or left on the evaluation
-        device."""
+                          ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, torch.Tensor]]:
+        """(pool features, logits or None, {extra: its network's features}) of uint8 images: what
+        score_features takes. On the CPU (one copy to the host at the end), e.g. to be gathered from several
+        processes; or left on the evaluation device."""
         feats, logits = self._extract(images, "Inception features")
+        extras = self.extras.features(images, self._forward)
         if on_device:
-            return feats, logits
-        return feats.cpu(), (logits.cpu() if logits is not None else None)
+            return feats, logits, extras
+        return (feats.cpu(), (logits.cpu() if logits is not None else None),
+                {k: v.cpu() for k, v in extras.items()})
 
-    def score_features(self, feats: torch.Tensor, logits: torch.Tensor | None = None) -> dict:
-        """FID, KID (and IS with the head) from Inception outputs already computed (on any device)."""
+    def score_features(self, feats: torch.Tensor, logits: torch.Tensor | None = None,
+                       extras: dict[str, torch.Tensor] | None = None) -> dict:
+        """FID, KID (and IS with the head) from Inception outputs already computed (on any device), and the
+        extras from their features."""
         ref = self._reference_on_device()
         feats = feats.to(self.device)
         n = int(feats.shape[0])
@@ -253,6 +278,9 @@ class Evaluator:
             out["isc_std"] = isc[KEY_METRIC_ISC_STD]
         if self.manifold and n > prdc.K_DENSITY_COVERAGE:  # k-NN balls need more than k samples
             out.update(self._manifold_metrics(feats))
+        if extras:
+            n_ref = int(self.prepare_reference()["num_samples"])
+            out.update(self.extras.score(extras, n_ref, self.reference, self._forward))
         out["num_samples"] = n
         return out
 

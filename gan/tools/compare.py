@@ -1,7 +1,8 @@
 """Compare finished (or running) training runs: curves, a table and JSON, grouped by what differs.
 
 Each run folder holds `config.yaml` (the resolved config) and `metrics.jsonl` (one JSON per logged step;
-evaluation steps also carry fid / kid_mean / precision / recall / density / coverage). Runs whose configs differ only in the seed, the folder and
+evaluation steps also carry fid / kid_mean / precision / recall / density / coverage, and the optional
+precision_vgg16 / recall_vgg16 / fd_dinov2). Runs whose configs differ only in the seed, the folder and
 settings that do not change the maths (length, device, logging, checkpoints) form one group; the other
 differing keys name the group, e.g. "norm=mn, mn.num_components=2".
 
@@ -25,9 +26,10 @@ from gan.tools.compare_report import (fidelity_diversity_curves, finite_number, 
                                       precision_recall_plot)
 
 METRICS = {"fid": "fid", "kid": "kid_mean", "precision": "precision", "recall": "recall", "density": "density",
-           "coverage": "coverage"}
+           "coverage": "coverage", "precision_vgg16": "precision_vgg16", "recall_vgg16": "recall_vgg16",
+           "fd_dinov2": "fd_dinov2"}
 # For these, more is better: the best evaluation is the highest, and a target is reached from below.
-HIGHER_IS_BETTER = {"precision", "recall", "density", "coverage"}
+HIGHER_IS_BETTER = {"precision", "recall", "density", "coverage", "precision_vgg16", "recall_vgg16"}
 
 # Each key's role here is on its config field (gan/core/config.py): keys that never separate groups (the seed,
 # the folder, settings that leave the maths alone; train.steps too, so that runs of different lengths still

@@ -49,8 +49,8 @@ def _time_unit(seconds: float) -> tuple[str, float]:
 
 
 def markdown(result: dict) -> str:
-    fmt = ".2f" if result["metric"] == "fid" else ".4f"
-    name = {"fid": "FID", "kid": "KID (kid_mean)"}.get(result["metric"], result["metric"])
+    fmt = ".2f" if result["metric"] in ("fid", "fd_dinov2") else ".4f"
+    name = {"fid": "FID", "kid": "KID (kid_mean)", "fd_dinov2": "FD_DINOv2"}.get(result["metric"], result["metric"])
     reached = "≥" if result.get("higher_is_better") else "≤"
     times = [g["time_to_target"]["mean"] for g in result["groups"] if g["time_to_target"]["mean"] is not None]
     unit, scale = _time_unit(max(times, default=0.0))
