@@ -313,11 +313,11 @@ class Step(NamedTuple):
 
 
 def train_forward(x: Tensor, stored: Optional[GMM], weight: Optional[Tensor], bias: Optional[Tensor], o: Options,
-                  sums: Sums = identity, first_rank_only: Sums = identity, transform=transform) -> Step:
+                  sums: Sums = identity, first_rank_only: Sums = identity, transform_fn=transform) -> Step:
     """A training step of x (M, C) from the stored mixture (None before the first): EM without gradients, the
     posteriors of every sample under the fit, the transform. Gradients flow through x, E_k and V_k, and
-    through tau unless detach_posteriors. `transform` may be another implementation of the same maths
-    (models/mixture_fast.py)."""
+    through tau unless detach_posteriors. `transform_fn` may be another implementation of `transform` with its
+    own backward (models/mixture_fast.py)."""
     with torch.no_grad():
         if stored is None:
             s = sums(torch.cat([x.new_full((1,), x.shape[0]), x.detach().sum(0)]))
@@ -325,11 +325,14 @@ def train_forward(x: Tensor, stored: Optional[GMM], weight: Optional[Tensor], bi
         else:
             shift = mixture_mean(stored)
             stored = stored._replace(mu=stored.mu - shift)
-        xs = subsample(x.detach() - shift, max(o.num_components, o.em_samples))
+        xs = subsample(x.detach(), max(o.num_components, o.em_samples)) - shift
         gmm, last = fit(xs, stored, o, sums, first_rank_only)
-    f = features(x - shift, o.groups)
+    # The features carry gradients where autograd differentiates them: in this module's transform, and in the
+    # posteriors unless detached.
+    with torch.set_grad_enabled(torch.is_grad_enabled() and (transform_fn is transform or not o.detach_posteriors)):
+        f = features(x - shift, o.groups)
     tau = posteriors(log_joint(f.detach() if o.detach_posteriors else f, gmm)[0])
-    y, n, E, V = transform(x, f, tau, shift, gmm.lam, weight, bias, o, sums)
+    y, n, E, V = transform_fn(x, f, tau, shift, gmm.lam, weight, bias, o, sums)
     return Step(y, tau, shift, gmm, n, E, V, xs, last)
 
 

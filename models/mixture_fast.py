@@ -57,12 +57,11 @@ class Transform(torch.autograd.Function):
             alpha = b * (shift + core.spread(2.0 - n_true / n, C) * (E - shift)) - Pn * g
             coef = torch.cat([core.grouped(t, G) for t in (P, b, alpha)], 2)  # (K, G, 3D)
             A, B, Cc = (t.flatten(1) for t in torch.einsum("mkg,kgd->mgd", tau, coef).chunk(3, 2))
-            d_x = dy * A - x * B + Cc
+            d_x = torch.addcmul(Cc, dy, A).addcmul_(x, B, value=-1.0)
         return d_x, None, None, None, None, d_weight, d_bias, None, None
 
 
 def transform(x: Tensor, f: Tensor, tau: Tensor, shift: Tensor, lam: Tensor, weight, bias, o: core.Options,
               sums: core.Sums = core.identity):
-    """core.transform, with this module's backward (tau must be constant: detach_posteriors). The features f
-    enter detached, so that nothing keeps their autograd graph."""
-    return Transform.apply(x, f.detach(), tau, shift, lam, weight, bias, o, sums)
+    """core.transform, with this module's backward (tau must be constant: detach_posteriors)."""
+    return Transform.apply(x, f, tau, shift, lam, weight, bias, o, sums)

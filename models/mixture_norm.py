@@ -186,7 +186,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         # Eagerly, fixed posteriors take the hand-written backward; compiled, Inductor fuses the core's own.
         eager_fast = self.detach_posteriors and not torch.compiler.is_compiling()
         step = core.train_forward(x, stored, weight, bias, o, self._reducer(), self._first_rank_only,
-                                  fast.transform if eager_fast else core.transform)
+                                  transform_fn=fast.transform if eager_fast else core.transform)
         if self.training:
             with torch.no_grad():
                 self._write_back(step, ready, o)

@@ -1,4 +1,4 @@
-"""Shared fixtures: tiny datasets made on the fly, and configs for runs that take seconds on a CPU."""
+"""Shared fixtures: tiny datasets made on the fly, configs for runs that take seconds on a CPU, a network that hangs."""
 from __future__ import annotations
 
 import errno
@@ -6,6 +6,7 @@ import ipaddress
 import json
 import os
 import socket
+import threading
 import zipfile
 from pathlib import Path
 
@@ -263,3 +264,25 @@ def pytest_terminal_summary(terminalreporter):
     if f_run or b_run or f_skip or b_skip:
         terminalreporter.write_line(part("faults survived", f_ok, f_run, f_skip) + ", "
                                     + part("bad inputs rejected", b_ok, b_run, b_skip))
+
+
+@pytest.fixture
+def silent_server():
+    """A local TCP server that accepts connections and never answers: a network that hangs."""
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(8)
+    accepted = []
+
+    def serve():
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            accepted.append(conn)
+    threading.Thread(target=serve, daemon=True).start()
+    yield srv.getsockname()[1], accepted
+    srv.close()
+    for c in accepted:
+        c.close()

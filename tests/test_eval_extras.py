@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import socket
-import threading
 import time
 import urllib.error
 
@@ -160,28 +159,6 @@ def test_offline_each_extra_is_one_line_and_the_run_goes_on(tmp_path, monkeypatc
     calls.clear()
     _evaluator(tmp_path, _images(20, 0), BOTH, allow_download=allow_download).score(_images(12, 1))
     assert calls == [] and capsys.readouterr().err == ""
-
-
-@pytest.fixture
-def silent_server():
-    """A local TCP server that accepts connections and never answers: a network that hangs."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    accepted = []
-
-    def serve():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            accepted.append(conn)
-    threading.Thread(target=serve, daemon=True).start()
-    yield srv.getsockname()[1], accepted
-    srv.close()
-    for c in accepted:
-        c.close()
 
 
 def test_a_hanging_network_costs_the_download_timeout_not_a_hang(monkeypatch, capsys, fresh, no_hub,

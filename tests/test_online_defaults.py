@@ -3,7 +3,6 @@ fallback, wandb's auto mode, and Inception weights stored in half precision."""
 from __future__ import annotations
 
 import socket
-import threading
 import time
 
 import pytest
@@ -17,28 +16,6 @@ from tests.conftest import make_images
 
 
 # ---------------------------------------------------------------- the weights download
-
-@pytest.fixture
-def silent_server():
-    """A local TCP server that accepts connections and never answers: a network that hangs."""
-    srv = socket.socket()
-    srv.bind(("127.0.0.1", 0))
-    srv.listen(8)
-    accepted = []
-
-    def serve():
-        while True:
-            try:
-                conn, _ = srv.accept()
-            except OSError:
-                return
-            accepted.append(conn)
-    threading.Thread(target=serve, daemon=True).start()
-    yield srv.getsockname()[1], accepted
-    srv.close()
-    for c in accepted:
-        c.close()
-
 
 def test_a_hanging_network_falls_back_to_the_conversion_within_seconds(tmp_path, monkeypatch, silent_server, capsys):
     port, accepted = silent_server
