@@ -46,11 +46,11 @@ sys.path.insert(0, str(ROOT))
 # the study's own nine runs (its variants, seeds 0-2) to measure what they achieve together.
 SIZES = {
     "gpu": {"fid_samples": [10_000, 50_000], "probe_minutes": 0.75, "jobs": 10, "bench": ["--repeats", "3"],
-            "probe_set": [], "concurrent_minutes": 0.75, "concurrent_seeds": 3},
+            "probe_set": [], "concurrent_minutes": 0.75, "concurrent_seeds": 3, "log_every": 50},
     "dry": {"fid_samples": [64], "probe_minutes": 0.4, "jobs": 2,
             "bench": ["--steps", "2", "--repeats", "1", "--ngf", "16", "--eval-images", "16"],
             "probe_set": ["model.ngf=8", "model.ndf=8", "train.batch_size=16", "train.threads=1"],
-            "concurrent_minutes": 0.3, "concurrent_seeds": 1},
+            "concurrent_minutes": 0.3, "concurrent_seeds": 1, "log_every": 10},
 }
 BENCHES = ("train", "norm", "eval")
 COMPILED_BENCHES = ("train", "norm")  # eval's networks are not compiled
@@ -195,15 +195,16 @@ def warm_up(check: Check, env: dict, outdir: Path, data: str, extra_sets: list[s
 
 def concurrent_runs(check: Check, env: dict, outdir: Path, name: str, data: str, test_data: str,
                     weights: str | None, minutes: float, jobs: int, variants: dict, seeds: int,
-                    extra_sets: list[str]) -> dict:
+                    extra_sets: list[str], log_every: int) -> dict:
     """`seeds` runs of each variant trained `jobs` at a time for `minutes`, through the study command itself;
-    the step time of each variant (mean over its runs) and of all runs together (steps/s summed)."""
+    the step time of each variant (mean over its runs) and of all runs together (steps/s summed), from step
+    times logged every `log_every` steps (the dry run's few steps need a short window to log two)."""
     study = outdir / f"{name}-study.yaml"
     runs = outdir / name
     study.write_text(json.dumps({"base": str(ROOT / "configs" / "study-gpu.yaml"), "out": str(runs),
                                  "seeds": list(range(seeds)), "variants": variants}))
-    sets = ["data.source=folder", f"data.path={data}", f"eval.reference={test_data}", "eval.every=0", "log.every=50",
-            "log.sample_every=0", "ckpt.every=0", "train.steps=1000000"] + extra_sets
+    sets = ["data.source=folder", f"data.path={data}", f"eval.reference={test_data}", "eval.every=0",
+            f"log.every={log_every}", "log.sample_every=0", "ckpt.every=0", "train.steps=1000000"] + extra_sets
     if weights:
         sets.append(f"metrics.inception_weights={weights}")
     argv = [sys.executable, str(ROOT / "cli.py"), "study", str(study), "--jobs", str(jobs),
@@ -233,10 +234,11 @@ def concurrent_runs(check: Check, env: dict, outdir: Path, name: str, data: str,
 
 
 def probe(check: Check, env: dict, outdir: Path, data: str, test_data: str, weights: str | None,
-          minutes: float, jobs: int, extra_sets: list[str]) -> dict:
+          minutes: float, jobs: int, extra_sets: list[str], log_every: int) -> dict:
     """BN and MN runs trained `jobs` at a time for `minutes`: the step times a study is sized from."""
     result = concurrent_runs(check, env, outdir, "probe", data, test_data, weights, minutes, jobs,
-                             {"bn": {"model.norm": "bn"}, "mn": {"model.norm": "mn"}}, max(1, jobs // 2), extra_sets)
+                             {"bn": {"model.norm": "bn"}, "mn": {"model.norm": "mn"}}, max(1, jobs // 2), extra_sets,
+                             log_every)
     result["mn_over_bn"] = result["mn"]["sec_per_step"] / result["bn"]["sec_per_step"]
     return result
 
@@ -387,7 +389,7 @@ def main() -> int:
         ("environment", lambda: environment(device)),
         ("warm_up", lambda: warm_up(check, env, out, data, size["probe_set"])),
         ("probe", lambda: probe(check, env, out, data, test_data, weights, size["probe_minutes"], size["jobs"],
-                                size["probe_set"])),
+                                size["probe_set"], size["log_every"])),
         # The dry run (CI) never touches the network; a GPU box may try torch-fidelity's download once.
         ("fid_timing", lambda: fid_timing(device, test_data, weights, size["fid_samples"], not args.cpu_dry_run)),
         ("bench", lambda: bench(check, env, out, device, weights, size["bench"])),
@@ -396,7 +398,7 @@ def main() -> int:
         ("concurrent", lambda: concurrent_runs(
             check, env, out, "concurrent", data, test_data, weights, size["concurrent_minutes"],
             len(study_variants()) * size["concurrent_seeds"], study_variants(), size["concurrent_seeds"],
-            size["probe_set"])),
+            size["probe_set"], size["log_every"])),
     ]
     for name, fn in stages:
         if name not in args.skip:
