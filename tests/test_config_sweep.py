@@ -12,7 +12,7 @@ model.mn.fuse=always stay off: each example would compile for about a minute (te
 tests/test_fused.py check the compiled paths against eager). train.threads stays within the machine's cores,
 and run_dir in a fresh temporary folder, because the step uses them for real.
 
-The default profile runs SWEEP_EXAMPLES examples (under a minute on 2 idle cores); the `slow` one 2,000.
+The sweep runs SWEEP_EXAMPLES examples (under a minute on 2 idle cores).
 """
 from __future__ import annotations
 
@@ -34,7 +34,6 @@ from models.mixture_options import invalid_option
 from tests.conftest import make_images
 
 SWEEP_EXAMPLES = 1000
-SLOW_EXAMPLES = 2000
 # No shrinking: examples take a fraction of a second each and shrinking one can take minutes; the report
 # names the failing config as drawn, and it goes into FOUND below.
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate]
@@ -195,13 +194,6 @@ def _with_examples(test):
 @given(configs())
 @_with_examples
 def test_any_config_trains_one_step_or_is_refused_in_one_line(overrides):
-    check_one_step(overrides)
-
-
-@pytest.mark.slow
-@settings(max_examples=SLOW_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], phases=PHASES)
-@given(configs())
-def test_any_config_trains_one_step_or_is_refused_in_one_line_long(overrides):
     check_one_step(overrides)
 
 
