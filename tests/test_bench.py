@@ -130,3 +130,15 @@ def test_bench_compile_refuses_eval_whose_networks_are_not_compiled():
     from cli import cli
     result = CliRunner().invoke(cli, ["bench", "eval", "--compile", "reduce-overhead"])
     assert result.exit_code == 2 and "--compile times the training step" in result.output
+
+
+@pytest.mark.bad_input
+@pytest.mark.parametrize("argv, says", [
+    (["bench", "norm", "--against", "no-such-revision", "--device", "cpu"], "not a revision of this git checkout"),
+    (["bench", "train", "--against", "HEAD"], "--against compares MN's code: bench norm"),
+])
+def test_bench_against_refuses_what_it_cannot_compare_in_one_line(argv, says):
+    from click.testing import CliRunner
+    from cli import cli
+    result = CliRunner().invoke(cli, argv)
+    assert result.exit_code == 2 and says in result.output and "Traceback" not in result.output

@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from gan.core.errors import UserError
 from gan.tools.bench_common import Row, activation_bytes, alternate_all, make_trainer, run_steps, synthetic_data
 from gan.tools.op_count import compiled_launches, count_ops
 
@@ -35,7 +36,7 @@ def mixture_norm_at(rev: str) -> type:
                              capture_output=True, text=True).stdout.strip()
         archive = subprocess.run(["git", "archive", sha, "models"], cwd=ROOT, check=True, capture_output=True).stdout
     except (OSError, subprocess.CalledProcessError) as e:
-        raise ValueError(f"--against {rev}: not a revision of this git checkout ({e})") from e
+        raise UserError(f"--against {rev}: not a revision of this git checkout") from e
     package = f"models_at_{sha[:12]}"
     tmp = Path(tempfile.mkdtemp(prefix="mn-against-"))
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
