@@ -267,6 +267,13 @@ def pytest_terminal_summary(terminalreporter):
 
 
 @pytest.fixture
+def quick_check(request) -> bool:
+    """Whether this is the contributor's quick check (`-m "not slow"`): property sweeps then draw fewer examples,
+    and the full suite (CI) all of them."""
+    return "not slow" in (request.config.option.markexpr or "")
+
+
+@pytest.fixture
 def silent_server():
     """A local TCP server that accepts connections and never answers: a network that hangs."""
     srv = socket.socket()

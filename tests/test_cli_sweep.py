@@ -20,6 +20,8 @@ from tests.conftest import train_args
 from tests.test_compare import make_run
 from tests.test_study import tiny_study
 
+# Examples per sweep; the quick check (`-m "not slow"`) draws QUICK_EXAMPLES where each costs seconds.
+QUICK_EXAMPLES = 10
 # No shrinking: an example takes up to a second, and hypothesis's report names the failing draws anyway.
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck),
                     phases=[Phase.explicit, Phase.reuse, Phase.generate])
@@ -82,7 +84,7 @@ def test_evaluate_and_diagnose_options(trained, tmp_path, monkeypatch):
     sweep()
 
 
-def test_compare_options(tmp_path):
+def test_compare_options(tmp_path, quick_check):
     runs = tmp_path / "runs"
     for seed in (0, 1):
         make_run(runs, f"bn-s{seed}", {1000: 50.0 + seed, 2000: 40.0}, seed=seed)
@@ -90,7 +92,7 @@ def test_compare_options(tmp_path):
     targets = st.one_of(NUMBERS, st.floats(0.1, 100).map(str))
     also = st.lists(st.sampled_from(["2x", "1.5x", "0x", "-1x", "nanx", "250", "abc", "inf", ""]), max_size=3)
 
-    @SETTINGS
+    @settings(SETTINGS, max_examples=QUICK_EXAMPLES if quick_check else SETTINGS.max_examples)
     @given(st.data())
     def sweep(data):
         argv = ["compare", data.draw(st.sampled_from([str(runs), str(runs / "bn-s0"), str(tmp_path / "none")]))]
@@ -118,12 +120,12 @@ def test_study_options(tmp_path, image_zip, monkeypatch):
     sweep()
 
 
-def test_bench_options(tmp_path, monkeypatch):
+def test_bench_options(tmp_path, monkeypatch, quick_check):
     from gan.tools import bench
     calls = []
     monkeypatch.setattr(bench, "run_benches", lambda which, device, options: calls.append(options) or [])
 
-    @SETTINGS
+    @settings(SETTINGS, max_examples=QUICK_EXAMPLES if quick_check else SETTINGS.max_examples)
     @given(st.data())
     def sweep(data):
         argv = ["bench", data.draw(st.sampled_from(["train", "norm", "eval", "all", "speed"])), "--device", "cpu"]

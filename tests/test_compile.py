@@ -2,8 +2,8 @@
 graph break, and a compiled run trains what an eager run trains (float64, to 1e-10). The CUDA graphs of
 compile_mode reduce-overhead exist only on a GPU: tests/test_cuda.py runs them.
 
-Compiling costs tens of seconds on a 2-core CPU, so this file compiles few, small models; the MN run is
-marked slow (about 20-40 s), the BN run is the quick check's compiled step.
+Compiling costs tens of seconds on a 2-core CPU, so this file compiles few, small models, and all of it is
+marked slow.
 """
 from __future__ import annotations
 
@@ -17,6 +17,8 @@ from torch._dynamo.utils import counters
 
 from gan.core.train import Trainer
 from models.mixture_norm import MixtureNorm2d
+
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
@@ -64,7 +66,7 @@ def _run(tiny_config, tmp_path, norm: str, compile: bool) -> Trainer:
     return t
 
 
-@pytest.mark.parametrize("norm", ["bn", pytest.param("mn", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("norm", ["bn", "mn"])
 def test_a_compiled_run_equals_an_eager_one_and_compiles_once(tiny_config, tmp_path, norm, fresh_dynamo,
                                                               monkeypatch):
     """4 steps compiled (compile_mode reduce-overhead: CUDA graphs on a GPU, the same compiled code without

@@ -12,7 +12,7 @@ model.mn.fuse=always stay off: each example would compile for about a minute (te
 tests/test_fused.py check the compiled paths against eager). train.threads stays within the machine's cores,
 and run_dir in a fresh temporary folder, because the step uses them for real.
 
-The sweep runs SWEEP_EXAMPLES examples (under a minute on 2 idle cores).
+The sweep runs SWEEP_EXAMPLES examples (under a minute on 2 idle cores), QUICK_EXAMPLES in the quick check.
 """
 from __future__ import annotations
 
@@ -34,6 +34,7 @@ from models.mixture_options import invalid_option
 from tests.conftest import make_images
 
 SWEEP_EXAMPLES = 1000
+QUICK_EXAMPLES = 100
 # No shrinking: examples take a fraction of a second each and shrinking one can take minutes; the report
 # names the failing config as drawn, and it goes into FOUND below.
 PHASES = [Phase.explicit, Phase.reuse, Phase.generate]
@@ -176,7 +177,7 @@ def _assert_one_line_naming_a_key(message: str) -> None:
 
 # Failing examples the sweep found, kept as regression tests.
 FOUND = [
-    {"model.mn.lambda_min": 0.5},          # lambda_min * K >= 1: was the layer's traceback after loading data
+    {"model.mn.lambda_min": 0.5},          # lambda_min * K >= 1: the layer's check, which runs after loading data
     {"model.mn.em_samples": 2},            # em_samples < K
     {"train.amp": "fp16", "train.d_steps": 2},  # one GradScaler stepped twice before update()
     {"train.seed": 2**80},                 # torch's "Overflow when unpacking long long"
@@ -190,11 +191,14 @@ def _with_examples(test):
     return test
 
 
-@settings(max_examples=SWEEP_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow], phases=PHASES)
-@given(configs())
-@_with_examples
-def test_any_config_trains_one_step_or_is_refused_in_one_line(overrides):
-    check_one_step(overrides)
+def test_any_config_trains_one_step_or_is_refused_in_one_line(quick_check):
+    @settings(max_examples=QUICK_EXAMPLES if quick_check else SWEEP_EXAMPLES, deadline=None,
+              suppress_health_check=[HealthCheck.too_slow], phases=PHASES)
+    @given(configs())
+    @_with_examples
+    def sweep(overrides):
+        check_one_step(overrides)
+    sweep()
 
 
 @pytest.mark.parametrize("overrides, outcome", [

@@ -1,6 +1,9 @@
 """MN compiled as one graph (models/fused.py, `fuse`): it computes what the eager layer computes, to float64
 rounding, in every part of a training step (EM, the transform, its backward, re-seeding, the running averages)
-and in eval mode; it cuts the launches of a step; a region that cannot compile falls back and says so."""
+and in eval mode; it cuts the launches of a step; a region that cannot compile falls back and says so.
+
+Every test here compiles (tens of seconds each on a 2-core CPU): all are marked slow. The quick check's MN-graph
+test is tests/test_mixture_variants_training.py's capture of the joint layer (Dynamo only, no Inductor)."""
 from __future__ import annotations
 
 import warnings
@@ -11,6 +14,8 @@ import torch
 import models.mixture_core as core
 from models.fused import Region
 from models.mixture_norm import MixtureNorm2d
+
+pytestmark = pytest.mark.slow
 
 
 def _run(fuse: str, posteriors: str, momentum, device: str = "cpu", steps: int = 5):

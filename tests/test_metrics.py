@@ -2,8 +2,8 @@
 
 The Inception forward costs ~50 ms per image on a 2-core CPU and torch-fidelity's FID (NumPy's eigenvalues of
 a 2048x2048 product), which some tests compare with, seconds per call, so the expensive work (conversion, two
-scores) happens once in a module fixture, and the tests that need the oracle on 2048-d statistics (the
-comparison with torch-fidelity's whole pipeline, the oracle on 1000 images' real features) are marked slow.
+scores) happens once in a module fixture. The tests that use it are marked slow (the conversion alone takes
+about 40 s); the quick check keeps the one that needs no weights.
 The FID and KID maths on synthetic features are tested in tests/test_fid_kid.py.
 """
 from __future__ import annotations
@@ -98,6 +98,7 @@ def env(tmp_path_factory):
                            attempts=attempts_during_work, guard_fired=guard_fired, convert_s=convert_s)
 
 
+@pytest.mark.slow
 def test_converted_weights_match_torchscript(env):
     """Our converted weights in torch-fidelity's network compute fid-helper's TorchScript network: the same
     maths, so compared in float64 (both networks and the input cast to float64), to 1e-10 relative to the
@@ -132,6 +133,7 @@ def test_converted_weights_match_torchscript(env):
     assert direct.dtype == torch.float32 and torch.equal(feats, direct.double())
 
 
+@pytest.mark.slow
 def test_fid_kid_self_and_shifted(env):
     """A set scored against itself: FID 0 and KID <= 0 up to rounding; against a visibly different set, large.
 
@@ -190,6 +192,7 @@ def test_fid_kid_match_torch_fidelity_calculate_metrics(env, tmp_path):
     assert w.has_head is True and w.path == str(padded) and w.identity != env.weights.identity
 
 
+@pytest.mark.slow
 def test_scores_are_fid_and_kid_of_the_features_and_equal_torch_fidelitys(env):
     """score() is gan.eval.fid's FID and gan.eval.kid's KID of its Inception features against the cached
     reference, bit for bit; and on these real features (their first 256 dimensions, where the oracle
@@ -229,6 +232,7 @@ def test_fid_kid_equal_torch_fidelity_on_1000_real_images(env):
         assert abs(ours[0] - theirs[0]) <= 1e-6 and abs(ours[1] - theirs[1]) <= 1e-6
 
 
+@pytest.mark.slow
 def test_reference_cache_of_format_1_is_upgraded_in_place(env, tmp_path):
     """A cache file written before it held the covariance's root is read, given the root, and rewritten:
     the reference images are not needed again."""
@@ -247,6 +251,7 @@ def test_reference_cache_of_format_1_is_upgraded_in_place(env, tmp_path):
     assert on_disk["format"] == 2 and torch.equal(on_disk["sigma_sqrt"], upgraded["sigma_sqrt"])
 
 
+@pytest.mark.slow
 def test_reference_cache_written_once_and_reused(env, tmp_path):
     assert env.calls == [1]  # two scores, one reference() call
     assert os.path.isfile(env.ev.reference_cache_path)
@@ -264,12 +269,14 @@ def test_reference_cache_written_once_and_reused(env, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == [p.name for p in tmp_path.glob("ref-tiny-*.pt")]
 
 
+@pytest.mark.slow
 def test_offline_resolve_and_score_open_no_connection(env):
     assert env.attempts == []
     assert env.guard_fired
     assert env.convert_s < 60
 
 
+@pytest.mark.slow
 def test_no_head_skips_is_and_reports_once(env, capsys, monkeypatch):
     assert "isc_mean" not in env.diff and "isc_std" not in env.diff
     assert env.ev.model.fc is None  # not faked
@@ -291,6 +298,7 @@ def test_resolve_error_when_nothing_works(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_with_head_reports_is_like_torch_fidelity(env, tmp_path):
     """IS through our pipeline equals torch-fidelity's, to 1e-4: the logits of the same network differ by
     float32 rounding only (~4e-5 relative, see the test above, on logits of size ~1 from this random head);
@@ -316,6 +324,7 @@ def test_with_head_reports_is_like_torch_fidelity(env, tmp_path):
     assert abs(out["isc_mean"] - ref["inception_score_mean"]) < 1e-4
 
 
+@pytest.mark.slow
 def test_the_extractor_never_loads_a_file_beyond_tensors(env, monkeypatch):
     """torch-fidelity's constructor asks torch.load for weights_only=False; every load it makes is held to True."""
     seen, load = [], torch.load

@@ -19,7 +19,8 @@ pytestmark = pytest.mark.usefixtures("torch_seed0")
 # --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("posteriors,fit", [("joint", "warm")] + VARIANTS, ids=["joint"] + IDS)
+@pytest.mark.parametrize("posteriors,fit", [("joint", "warm")] + [pytest.param(*v, marks=pytest.mark.slow)
+                                                                  for v in VARIANTS], ids=["joint"] + IDS)
 def test_initialized_layer_captures_into_one_graph(posteriors, fit):
     """fullgraph=True fails on any graph break, and a host sync (.item(), bool(tensor), a Python `if` on
     data) is one. aot_eager traces forward and backward like inductor does, without compiling kernels
