@@ -469,3 +469,20 @@ def test_a_run_without_precision_has_no_precision_recall_plot(tmp_path):
     result = compare_runs([root], tmp_path / "out")
     assert not (tmp_path / "out" / "precision-recall.png").exists()
     assert all(f.exists() for f in result.files)
+
+
+@pytest.mark.parametrize("recall, precision, limits", [
+    ([0.0, 0.002, 0.003], [0.07, 0.2, 0.32], (0.02, 1.15 * 0.32)),  # early training: zoomed in on the data
+    ([0.3, 0.95], [0.5, 0.99], (1.0, 1.0)),                          # never past the unit square
+])
+def test_the_precision_recall_plot_zooms_to_its_data(tmp_path, monkeypatch, recall, precision, limits):
+    import gan.tools.compare_report as report
+    figures = []
+    monkeypatch.setattr(report, "_save", lambda fig, path: figures.append(fig))
+    report.precision_recall_plot([{"label": "norm=bn", "seeds": 1, "step": [1, 2, 3][:len(recall)],
+                                   "recall": recall, "precision": precision}], tmp_path / "pr.png")
+    import matplotlib.pyplot as plt
+    ax = figures[0].axes[0]
+    xlim, ylim = ax.get_xlim(), ax.get_ylim()
+    plt.close(figures[0])
+    assert xlim == pytest.approx((0, limits[0])) and ylim == pytest.approx((0, limits[1]))

@@ -146,7 +146,8 @@ def as_text(markdown: str) -> dict:
 
 RUNS = {"gpu": ["study-gpu/runs"], "cpu": ["study-cpu/runs"],
         "variants": ["study-cpu/runs", "study-mn-variants/runs"],
-        "cpu-bn-mn": [f"study-cpu/runs/{v}-s{s}" for v in ("bn", "mn") for s in (0, 1)]}
+        "cpu-bn-mn": [f"study-cpu/runs/{v}-s{s}" for v in ("bn", "mn") for s in (0, 1)],
+        "cpu-quick": ["study-cpu-quick/runs"]}
 # The extra targets (--also-at) of the compare commands in each study folder's README.
 ALSO_AT = {("gpu", "fid"): ("2x", "1.5x", "1.25x"), ("gpu", "kid"): ("2x", "1.5x", "1.25x"),
            ("variants", "fid"): (250, 150, 120, 100), ("variants", "kid"): (0.2, 0.1, 0.06, 0.05)}
@@ -261,6 +262,14 @@ def results_diagnose(s):
     return out
 
 
+def results_fidelity_diversity(s):
+    """The cpu-quick pair's last evaluation, each metric from compare --metric."""
+    metrics = {"FID": "fid", "precision": "precision", "recall": "recall", "density": "density",
+               "coverage": "coverage"}
+    return grid({"BN": "norm=bn", "MN": "norm=mn"},
+                {f"{name} at 1500": (lambda g, m=m: final_at(s("cpu-quick", m), g, 1500)) for name, m in metrics.items()})
+
+
 def gpu_looser(s):
     fid = s("gpu")
     out = {}
@@ -317,6 +326,7 @@ CHECKS = {
     ("docs/results.md", "Which MN? The variants the paper leaves open"): results_variants,
     ("docs/results.md", "BN vs MN on a CPU"): results_cpu,
     ("docs/results.md", "Why MN might not help: `diagnose`"): results_diagnose,
+    ("docs/results.md", "Fidelity or diversity? Precision and recall"): results_fidelity_diversity,
     ("docs/study-gpu/README.md", "Looser targets"): gpu_looser,
     ("docs/study-gpu/README.md", "FID at each evaluation"): per_eval,
     ("docs/study-cpu/README.md", "Looser targets (BN and MN, 2 seeds each)"): cpu_looser,
@@ -324,6 +334,7 @@ CHECKS = {
     ("docs/study-mn-variants/README.md", "The whole table"): variants_whole,
     **{(f"docs/study-{study}/compare{'' if metric == 'fid' else '-kid'}.md", None): regenerated(runs, metric)
        for study, runs in (("gpu", "gpu"), ("cpu", "cpu"), ("mn-variants", "variants")) for metric in ("fid", "kid")},
+    ("docs/study-cpu-quick/compare.md", None): regenerated("cpu-quick", "fid"),
 }
 SKIPPED = {
     ("README.md", "Commands"): "the commands and their options, no measurements",

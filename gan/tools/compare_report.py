@@ -225,13 +225,20 @@ def precision_recall_plot(curves: list[dict], path: Path) -> None:
                         xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("recall (diversity: real images near some generated one)")
     ax.set_ylabel("precision (fidelity: generated images near some real one)")
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    # Zoomed to the data (both start at 0): early in training recall is near 0 and precision well below 1,
+    # and on the full unit square the lines would be a smudge in a corner.
+    ax.set_xlim(0, _upper(v for c in curves for v in c["recall"]))
+    ax.set_ylim(0, _upper(v for c in curves for v in c["precision"]))
     ax.grid(alpha=0.3)
     ax.set_title("precision vs recall over training (mean over seeds; labels: steps)")
     ax.legend(fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def _upper(values) -> float:
+    """An axis limit for values in [0, 1]: 15 % above the largest, at least 0.02, at most 1."""
+    return min(1.0, max(0.02, 1.15 * max(values, default=1.0)))
 
 
 def _save(fig, path: Path) -> None:
