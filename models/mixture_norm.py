@@ -37,6 +37,9 @@ class MixtureNorm(SyncedStatistics, nn.Module):
 
     # "A few EM iterations" after the k-means++ seeding on the first training step.
     init_em_steps = 10
+    # Eagerly, with fixed posteriors, the transform's backward is models/mixture_fast.py's; False runs autograd
+    # through the core instead (the same gradients: what `bench norm` times the fast path against).
+    fast_backward = True
 
     def __init__(self, num_features: int, num_components: int = 3, eps: float = 1e-5,
                  momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
@@ -184,7 +187,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         if stored is not None and self.training and torch.compiler.is_compiling():
             stored = snapshot(stored)  # the buffers change before backward
         # Eagerly, fixed posteriors take the hand-written backward; compiled, Inductor fuses the core's own.
-        eager_fast = self.detach_posteriors and not torch.compiler.is_compiling()
+        eager_fast = self.fast_backward and self.detach_posteriors and not torch.compiler.is_compiling()
         step = core.train_forward(x, stored, weight, bias, o, self._reducer(), self._first_rank_only,
                                   transform_fn=fast.transform if eager_fast else core.transform)
         if self.training:

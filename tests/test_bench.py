@@ -20,15 +20,18 @@ def test_headline_keeps_time_ratios_and_folds_the_variants_into_a_range():
     assert headline(rows[:2]) == "headline: ours/classic step time 0.61x; MN/BN step time 1.12x"
 
 
+@pytest.mark.slow  # it compiles the fused layer
 def test_bench_norm_times_every_mn_variant_under_the_name_the_tables_look_up():
     """One step per trainer at width 8: every variant gets a step-time and a memory row, named by
     mn_ratio_name (which scripts/variants_table.py reads back), the defaults under the old bare name."""
     import torch
-    from gan.tools.bench import MN_VARIANTS, bench_norm, mn_ratio_name
+    from gan.tools.bench import CORE_AUTOGRAD, FAST_RATIO, MN_VARIANTS, bench_norm, mn_ratio_name
     rows = bench_norm(torch.device("cpu"), steps=1, repeats=1, ngf=8, batch_size=8)
-    # then the defaults fused (on a CPU MN does not fuse by default), then one layer's host time, eager and fused
-    assert [r.ratio_name for r in rows] == [mn_ratio_name(what, v) for v in [*MN_VARIANTS, "fused"]
+    # then the defaults fused (on a CPU MN does not fuse by default) and with autograd through the core, the
+    # eager fast path against the latter, then one layer's host time, eager and fused
+    assert [r.ratio_name for r in rows] == [mn_ratio_name(what, v) for v in [*MN_VARIANTS, "fused", CORE_AUTOGRAD]
                                             for what in ("step time", "memory")] + [
+        FAST_RATIO + " step time", FAST_RATIO + " memory"] + [
         mn_ratio_name("layer host time", kind) for kind in ("eager", "fused")]
     assert rows[0].ratio_name == "MN/BN step time" and rows[1].ratio_name == "MN/BN memory"
     assert all(r.ratio > 0 and r.ours > 0 and r.baseline > 0 for r in rows)
@@ -36,6 +39,10 @@ def test_bench_norm_times_every_mn_variant_under_the_name_the_tables_look_up():
     saved = {r.ratio_name: r.ours for r in rows if r.unit == "MiB"}
     assert saved[mn_ratio_name("memory", "per_channel")] > saved[mn_ratio_name("memory")]
     assert saved[mn_ratio_name("memory", "layer 0")] < saved[mn_ratio_name("memory")]
+    # the fast path keeps x and tau for backward where autograd through the core keeps the features too
+    assert saved[FAST_RATIO + " memory"] == saved[mn_ratio_name("memory")] < saved[mn_ratio_name("memory", CORE_AUTOGRAD)]
+    fast_vs_core = rows[-4].extra
+    assert fast_vs_core["fast path aten ops per step"] != fast_vs_core[f"{CORE_AUTOGRAD} aten ops per step"]
     # fused (compiled), a layer launches fewer kernels than the eager one dispatches ops
     eager, fused = rows[-2].extra, rows[-1].extra
     assert 0 < fused["MN launches"] < eager["MN aten ops"]

@@ -41,3 +41,25 @@ def test_fast_transform_equals_the_core(groups, affine, prior_scaling, empty, in
     assert len(results[0]) == len(results[1]) == 4 + input_grad + 2 * affine
     for want, got in zip(*results):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+
+
+def test_the_layer_takes_the_fast_path_unless_told_not_to_with_the_same_gradients(monkeypatch):
+    """MixtureNorm2d.fast_backward (what `bench norm` turns off for its core-autograd row): on, the layer's
+    eager training step goes through fast.transform; off, through autograd of the core; the same step either way."""
+    from models.mixture_norm import MixtureNorm2d
+    calls, original = [], fast.transform
+    monkeypatch.setattr(fast, "transform", lambda *args: calls.append(1) or original(*args))
+    torch.manual_seed(0)
+    x = torch.randn(8, 4, 3, 3, dtype=torch.float64) * 2 + 1
+    out = []
+    for on in (True, False):
+        torch.manual_seed(1)
+        layer = MixtureNorm2d(4, 3, dtype=torch.float64)
+        layer.fast_backward = on
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        (y * torch.arange(y.numel(), dtype=torch.float64).reshape(y.shape).sin()).sum().backward()
+        out.append((y, xi.grad, layer.weight.grad, layer.bias.grad, layer.running_V))
+        assert len(calls) == 1  # the first pass only
+    for a, b in zip(*out):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-10)

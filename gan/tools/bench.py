@@ -5,8 +5,9 @@
 - norm:  our step with MN (K=3, one EM step) vs our step with BN; step time and memory, for each MN variant
   (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), and the defaults with MN fused
   (compiled, `model.mn.fuse`) on a CPU (unfused on a GPU), all timed side by side; beside each time, the aten ops of one
-  eager step, a figure that does not depend on the machine. Then one layer's host time at a tiny batch, MN
-  eager and fused vs BN, with what each launches.
+  eager step, a figure that does not depend on the machine; and the eager defaults' fast backward
+  (models/mixture_fast.py) against autograd through the core. Then one layer's host time at a tiny batch,
+  MN eager and fused vs BN, with what each launches.
 - train|norm --compile MODE: the same steps compiled by torch.compile in MODE ("default": kernel fusion;
   "reduce-overhead": CUDA graphs too) vs eager: BN compiled vs eager; MN vs BN both compiled, MN compiled vs eager.
 - norm --against REV: this checkout's MN beside REV's (gan/tools/bench_against.py).
@@ -129,6 +130,7 @@ def bench_norm_compiled(device: torch.device, steps: int, repeats: int, ngf: int
                         mode: str = "default") -> list[Row]:
     """MN (the defaults: K=3, one EM step) vs BN, both compiled in `mode`, and MN compiled vs MN eager: four
     trainers timed round robin. Only the default MN variant: each compiled trainer costs a compilation."""
+    from models.mixture_norm import MixtureNorm
     data = synthetic_data()
     common = {"model.ngf": ngf, "model.ndf": ngf, "train.batch_size": batch_size,
               "model.mn.num_components": 3, "model.mn.em_steps": 1}
@@ -164,6 +166,9 @@ MN_VARIANTS = {
     "K=2": {"model.mn.num_components": 2},
 }
 DEFAULT_VARIANT = next(iter(MN_VARIANTS))
+# The defaults run eagerly with autograd through models/mixture_core.py instead of the fast path's backward.
+CORE_AUTOGRAD = "core autograd"
+FAST_RATIO = f"MN fast path/{CORE_AUTOGRAD}"
 
 
 def norm_variants(device: torch.device) -> dict[str, dict]:
@@ -189,13 +194,19 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
     """MN's variants against BN: step time, memory, aten ops per eager step; with `kernels`, also the kernels
     Inductor generates for one compiled generator step at width 8, BN and the default MN (tens of seconds to
     compile). Then bench_layer_host_time."""
+    from models.mixture_norm import MixtureNorm
     data = synthetic_data()
     common = {"model.ngf": ngf, "model.ndf": ngf, "train.batch_size": batch_size,
               "model.mn.num_components": 3, "model.mn.em_steps": 1}
     with tempfile.TemporaryDirectory() as tmp:
         bn = make_trainer(device.type, "bn", data, Path(tmp) / "bn", **common)
+        variants = norm_variants(device)
+        eager = DEFAULT_VARIANT if device.type != "cuda" else "unfused"  # the defaults, eager
         mns = {name: make_trainer(device.type, "mn", data, Path(tmp) / f"mn{i}", **{**common, **o})
-               for i, (name, o) in enumerate(norm_variants(device).items())}
+               for i, (name, o) in enumerate({**variants, CORE_AUTOGRAD: variants[eager]}.items())}
+        for m in mns[CORE_AUTOGRAD].G.modules():
+            if isinstance(m, MixtureNorm):
+                m.fast_backward = False
         trainers = [*mns.values(), bn]
         *t_mn, t_bn = alternate_all([lambda tr=tr: run_steps(tr, steps) for tr in trainers], repeats, device)
         if device.type == "cuda":
@@ -223,6 +234,13 @@ def bench_norm(device: torch.device, steps: int, repeats: int, ngf: int = 64, ba
                             t_mn[i] / t_bn, ops))
             rows.append(Row("norm", what + ("" if name == DEFAULT_VARIANT else f", MN {name}"), peaks[i], peaks[-1],
                             "MiB", mn_ratio_name("memory", name), peaks[i] / peaks[-1]))
+        # What the eager fast path buys (models/mixture_fast.py), against autograd through the core, side by side.
+        f, c = list(mns).index(eager), list(mns).index(CORE_AUTOGRAD)
+        rows.append(Row("norm", f"DCGAN step, MN eager: fast path vs {CORE_AUTOGRAD}", t_mn[f] / steps * 1e3,
+                        t_mn[c] / steps * 1e3, "ms/step", FAST_RATIO + " step time", t_mn[f] / t_mn[c],
+                        {"fast path aten ops per step": counts[f].ops, f"{CORE_AUTOGRAD} aten ops per step": counts[c].ops}))
+        rows.append(Row("norm", f"{what}, MN eager: fast path vs {CORE_AUTOGRAD}", peaks[f], peaks[c], "MiB",
+                        FAST_RATIO + " memory", peaks[f] / peaks[c]))
     return rows + bench_layer_host_time(device, repeats)
 
 
