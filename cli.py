@@ -263,7 +263,8 @@ def bench(which, device, steps, repeats, ngf, eval_images, weights, kernels, com
     """Speed as ratios measured side by side in this process (median of repeats, after warm-up).
 
     train: our step vs the classic DCGAN example's loop; norm: MN vs BN step time and memory, and MN's eager fast
-    backward vs autograd through its core (with --against REV: this MN vs REV's); eval: our Inception feature extraction vs torch-fidelity's default path, and their FIDs.
+    backward vs autograd through its core (with --against REV: this MN vs REV's); eval: our Inception feature
+    extraction vs torch-fidelity's default path, and their FIDs.
     With --compile: train and norm compiled vs eager (all = both). The last line is the headline ratio.
     """
     import dataclasses

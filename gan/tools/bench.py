@@ -130,7 +130,6 @@ def bench_norm_compiled(device: torch.device, steps: int, repeats: int, ngf: int
                         mode: str = "default") -> list[Row]:
     """MN (the defaults: K=3, one EM step) vs BN, both compiled in `mode`, and MN compiled vs MN eager: four
     trainers timed round robin. Only the default MN variant: each compiled trainer costs a compilation."""
-    from models.mixture_norm import MixtureNorm
     data = synthetic_data()
     common = {"model.ngf": ngf, "model.ndf": ngf, "train.batch_size": batch_size,
               "model.mn.num_components": 3, "model.mn.em_steps": 1}
