@@ -3,6 +3,7 @@ length, GPU placement, and commands for other schedulers."""
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import signal
 import sys
@@ -188,6 +189,27 @@ def test_cpu_runs_are_never_given_a_gpu(tmp_path, monkeypatch, image_zip):
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert launcher.train_all(study.runs, 2, lambda m: None, []) == "done"
     assert all("cvd=unset" in (r.run_dir / "train.log").read_text() for r in study.runs)
+
+
+@pytest.mark.skipif(not hasattr(os, "getpgid"), reason="process groups are POSIX")
+def test_runs_keep_the_studys_priority_but_not_its_terminal_signals(tmp_path, monkeypatch, image_zip):
+    """A run is in a process group of its own (the terminal's Ctrl-C reaches only the study) but in the
+    study's session, hence, on Linux, in its scheduling autogroup: `nice -n 19` and /proc/self/autogroup
+    lower the runs as well as the study."""
+    monkeypatch.chdir(tmp_path)
+    study = study_mod.load_study(tiny_study(tmp_path, image_zip))
+    report = ("import os; print('ids', os.getsid(0), os.getpgid(0), os.getpid()); "
+              "p = '/proc/self/autogroup'; os.path.exists(p) and print('group', open(p).read().split()[0])")
+    for r in study.runs:
+        r.argv = [sys.executable, "-c", report]
+    assert launcher.train_all(study.runs, 2, lambda m: None, []) == "done"
+    for r in study.runs:
+        lines = dict(l.split(" ", 1) for l in (r.run_dir / "train.log").read_text().splitlines()
+                     if l.startswith(("ids ", "group ")))
+        sid, pgid, pid = map(int, lines["ids"].split())
+        assert sid == os.getsid(0) and pgid == pid != os.getpgid(0)
+        if os.path.exists("/proc/self/autogroup"):
+            assert lines["group"] == open("/proc/self/autogroup").read().split()[0]
 
 
 def test_emit_commands_prints_one_runnable_command_per_unfinished_run(tmp_path, monkeypatch, image_zip):

@@ -14,6 +14,12 @@ from pathlib import Path
 
 from gan.core.config import Config
 
+# Each run in its own process group, so that the terminal's Ctrl-C reaches only the study, which stops the runs
+# in order. Not in its own session: on Linux a new session is a new scheduling autogroup (sched(7)), which would
+# free every run from the priority (`nice`, /proc/self/autogroup) the study was started with.
+OWN_GROUP = ({"process_group": 0} if sys.version_info >= (3, 11) else
+             {"preexec_fn": os.setpgrp} if os.name == "posix" else {})
+
 # A run's exit codes when SIGTERM/SIGINT stopped it: the first two after saving a checkpoint (gan/core/train.py,
 # Interrupted); the last one when SIGTERM came before the handler (a start-up still loading, nothing to save).
 STOP_CODES = (128 + signal.SIGTERM, 128 + signal.SIGINT, -signal.SIGTERM)
@@ -88,7 +94,7 @@ def train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: f
         stop_reason.append(reason)
         cut_short.extend(r.name for r in queue)
         queue.clear()
-        for proc, *_ in running.values():  # runs are in their own session: the terminal's signal skips them
+        for proc, *_ in running.values():  # runs are in their own process group: the terminal's signal skips them
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
 
@@ -122,7 +128,7 @@ def train_all(todo: list[PlannedRun], jobs: int, echo, failed: list, deadline: f
                           + (f"CUDA_VISIBLE_DEVICES={gpu} " if gpu is not None else "") + f"{r.command}\n")
                 log.flush()
                 proc = subprocess.Popen(r.argv, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                        env=run_env, start_new_session=True)
+                                        env=run_env, **OWN_GROUP)
                 running[r.name] = (proc, r, time.monotonic(), log, gpu)
                 echo(f"[{done}/{total}] start  {r.name}" + (f" on GPU {gpu}" if gpu is not None else ""))
             if stop_reason and not running:
