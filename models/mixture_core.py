@@ -144,11 +144,17 @@ def em(f: Tensor, gmm: GMM, steps: int, o: Options, sums: Sums):
 # -- Fitting the mixture: seeding, warm and fresh fits, dead components -------------------------------------------
 
 
+def sampling_weights(w: Tensor) -> Tensor:
+    """w >= TINY, non-finite entries TINY: a run that has diverged (NaN or inf activations) reaches the
+    trainer's non-finite-loss stop instead of failing inside torch.multinomial."""
+    return w.nan_to_num(0.0, 0.0, 0.0).clamp_min(TINY)
+
+
 def draw(w: Tensor) -> Tensor:
     """One index per row of w (G, S) >= 0, with probability proportional to w: (G, 1). Many rows (one per
     channel) by inverse CDF, one uniform each: torch.multinomial draws one exponential per entry, 30x slower
     over every channel's samples."""
-    w = w.clamp_min(TINY)
+    w = sampling_weights(w)
     if w.shape[0] == 1:
         return torch.multinomial(w, 1)
     cdf = w.cumsum(1)
@@ -228,7 +234,7 @@ def reseed(gmm: GMM, dead_count: Tensor, xs: Tensor, last: tuple[Tensor, Tensor]
     again = dead >= o.dead_steps
     logj, log_norm = last
     d2 = (log_norm.masked_fill(low, math.inf) - logj).amin(1).t()  # (G, S): half the squared distance
-    cand = first_rank_only(pick(xs, torch.multinomial(d2.clamp_min(TINY), K, replacement=True)))
+    cand = first_rank_only(pick(xs, torch.multinomial(sampling_weights(d2), K, replacement=True)))
     alive = spread(gmm.lam.masked_fill(low, 0.0), C)
     mass, weighted = torch.stack([alive, alive * gmm.sigma2]).sum(1)  # one reduction over k for both
     width = weighted / mass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+LAMBDA_MIN_LOW = 2.0 ** -126  # float32's smallest normal number
 CHOICES = {"posteriors": ("joint", "per_channel"), "fit": ("warm", "fresh"), "fuse": ("auto", "always", "never")}
 
 
@@ -21,10 +22,11 @@ def invalid_option(num_components: int = 3, eps: float = 1e-5, momentum: float |
         ("em_steps", em_steps >= 0, ">= 0"),
         # EM's sample variances need two samples, and k-means++ one distinct seed per component.
         ("em_samples", em_samples >= max(2, k), f">= max(2, num_components) = {max(2, k)}"),
-        # Below 1/K not every component can be "dead" at once, so re-seeding always has an anchor; above
-        # 0 the prior gain 1/sqrt(lambda_k) stays finite.
-        ("lambda_min", _finite(lambda_min) and 0 < lambda_min * max(k, 1) < 1,
-         f"in (0, 1/num_components) = (0, {1 / max(k, 1):.4g})"),
+        # Below 1/K not every component can be "dead" at once, so re-seeding always has an anchor; from
+        # float32's smallest normal number up, the prior gain 1/sqrt(lambda_k) is finite in the float32 that
+        # MN computes in (a smaller lambda_min is 0 there, or a denormal).
+        ("lambda_min", _finite(lambda_min) and LAMBDA_MIN_LOW <= lambda_min and lambda_min * max(k, 1) < 1,
+         f"in [{LAMBDA_MIN_LOW:.3g}, 1/num_components) = [{LAMBDA_MIN_LOW:.3g}, {1 / max(k, 1):.4g})"),
         ("var_floor", _finite(var_floor) and var_floor > 0, "> 0"),
         ("dead_steps", dead_steps >= 1, ">= 1"),
     ] + [(name, value in CHOICES[name], "one of " + ", ".join(CHOICES[name]))

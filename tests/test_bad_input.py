@@ -152,7 +152,7 @@ CLI_CASES = [
     # MN's rules across keys, refused with the config (before the data loads), not by the layer.
     ("mn-lambda-min-times-k", lambda t, z, r: _train_args(z, t / "o", "--norm", "mn", "--set",
                                                           "model.mn.lambda_min=0.5"),
-     r"config: model\.mn\.lambda_min = 0\.5 is out of range; must be in \(0, 1/num_components\) = \(0, 0\.3333\)"),
+     r"config: model\.mn\.lambda_min = 0\.5 is out of range; must be in \[1\.18e-38, 1/num_components\) = \[1\.18e-38, 0\.3333\)"),
     ("mn-em-samples-below-k", lambda t, z, r: _train_args(z, t / "o", "--norm", "mn", "--set", "model.mn.em_samples=2"),
      r"config: model\.mn\.em_samples = 2 is out of range; must be >= max\(2, num_components\) = 3"),
     ("mn-num-components-0", lambda t, z, r: _train_args(z, t / "o", "--norm", "mn", "--set",

@@ -181,6 +181,8 @@ FOUND = [
     {"model.mn.em_samples": 2},            # em_samples < K
     {"train.amp": "fp16", "train.d_steps": 2},  # one GradScaler stepped twice before update()
     {"train.seed": 2**80},                 # torch's "Overflow when unpacking long long"
+    {"model.mn.lambda_min": 1.65e-80},     # 0 in float32: an infinite gain (refused)
+    {"model.norm": "mn", "model.mn.eps": 1e-30},  # NaN activations, which MN's random draws must survive
 ]
 
 

@@ -60,6 +60,27 @@ def test_nan_stops_the_run_naming_the_step_and_keeps_the_last_good_checkpoint(ti
 
 
 @fault
+@pytest.mark.parametrize("mn", [{}, {"model.mn.posteriors": "per_channel"}, {"model.mn.fit": "fresh"}],
+                         ids=["joint", "per-channel", "fresh"])
+def test_nan_inside_mixture_norm_stops_the_run_like_any_divergence(tiny_config, mn):
+    """NaN generator weights put NaN into MN's layers. Their random draws (k-means++ seeds, re-seeding
+    candidates) must still let the step finish, so that the run stops with the divergence message."""
+    cfg = tiny_config(**{"model.norm": "mn", **mn})
+    t = Trainer(cfg, progress=False)
+    first = next(m for m in t.G.modules() if isinstance(m, torch.nn.ConvTranspose2d))
+    forward = t.G.forward
+
+    def poisoned(z):
+        if t.step + 1 == 4:
+            with torch.no_grad():
+                first.weight.fill_(float("nan"))
+        return forward(z)
+    t.G.forward = poisoned
+    with pytest.raises(Diverged, match="at step 4;"):
+        t.run()
+
+
+@fault
 def test_nan_with_a_pending_signal_does_not_save_poisoned_weights(tiny_config):
     cfg = tiny_config()
     t = Trainer(cfg, progress=False)
