@@ -178,7 +178,10 @@ class MixtureNorm(SyncedStatistics, nn.Module):
                 stats = (tau.detach().sum(0), E, V, running)
         if info is not None:
             self._report(info, input.shape, tau.detach(), *stats, o)
-        return y.reshape(input.shape[0], *input.shape[2:], C).movedim(-1, 1).to(input.dtype)
+        # In the input's memory layout: the rows come back channels-last, and a convolution fed channels-last
+        # activations from NCHW weights is up to 1.4x slower in its backward on some CPUs.
+        y = y.reshape(input.shape[0], *input.shape[2:], C).movedim(-1, 1).to(input.dtype)
+        return y.contiguous(memory_format=_layout(input))
 
     def _train(self, x: Tensor, weight, bias, o: core.Options) -> core.Step:
         """A batch-statistics step; in training mode it also writes the state back."""
@@ -230,6 +233,12 @@ class MixtureNorm(SyncedStatistics, nn.Module):
 
 def _layer_forward(layer: MixtureNorm, input: Tensor) -> Tensor:
     return layer._forward(input, None)
+
+
+def _layout(t: Tensor) -> torch.memory_format:
+    """channels_last for a 4-D tensor stored that way (and not also plain contiguous), else contiguous."""
+    cl = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()
+    return torch.channels_last if cl else torch.contiguous_format
 
 
 class MixtureNorm2d(MixtureNorm):

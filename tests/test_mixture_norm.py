@@ -300,7 +300,8 @@ def test_gradcheck_of_the_core(groups, detach, empty):
 
 
 def test_channels_last_and_contiguous_input_give_the_same_numbers():
-    """The layer reads channels-last input as a view and contiguous input through a copy: the same numbers."""
+    """The layer reads channels-last input as a view and contiguous input through a copy: the same numbers,
+    and the output in the input's memory layout."""
     m = MixtureNorm2d(4).double()
     m_cl = copy.deepcopy(m)
     x = torch.randn(3, 4, 2, 3, dtype=torch.float64)
@@ -316,6 +317,9 @@ def test_channels_last_and_contiguous_input_give_the_same_numbers():
     torch.testing.assert_close(y2, y1, **F64_TOL)
     torch.testing.assert_close(x2.grad, x1.grad, **F64_TOL)
     torch.testing.assert_close(m_cl.weight.grad, m.weight.grad, **F64_TOL)
+    # and each output in its input's layout, as BatchNorm's is: the next convolution's speed depends on it
+    assert y1.is_contiguous() and y2.is_contiguous(memory_format=torch.channels_last)
+    assert y2.stride() == x2.stride() and y1.stride() == x1.stride()
 
 
 def test_gradcheck_through_posteriors():
