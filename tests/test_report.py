@@ -147,7 +147,7 @@ def as_text(markdown: str) -> dict:
 RUNS = {"gpu": ["study-gpu/runs"], "cpu": ["study-cpu/runs"],
         "variants": ["study-cpu/runs", "study-mn-variants/runs"],
         "cpu-bn-mn": [f"study-cpu/runs/{v}-s{s}" for v in ("bn", "mn") for s in (0, 1)],
-        "cpu-quick": ["study-cpu-quick/runs"]}
+        "cpu-quick": ["study-cpu-quick/runs"], "cpu-whole": ["study-cpu-whole/runs"]}
 # The extra targets (--also-at) of the compare commands in each study folder's README.
 ALSO_AT = {("gpu", "fid"): ("2x", "1.5x", "1.25x"), ("gpu", "kid"): ("2x", "1.5x", "1.25x"),
            ("variants", "fid"): (250, 150, 120, 100), ("variants", "kid"): (0.2, 0.1, 0.06, 0.05)}
@@ -262,12 +262,25 @@ def results_diagnose(s):
     return out
 
 
+# A column's heading -> compare's --metric, for the tables of fidelity and diversity.
+FIDELITY = {"FID": "fid", "precision": "precision", "recall": "recall", "density": "density", "coverage": "coverage"}
+
+
 def results_fidelity_diversity(s):
     """The cpu-quick pair's last evaluation, each metric from compare --metric."""
-    metrics = {"FID": "fid", "precision": "precision", "recall": "recall", "density": "density",
-               "coverage": "coverage"}
     return grid({"BN": "norm=bn", "MN": "norm=mn"},
-                {f"{name} at 1500": (lambda g, m=m: final_at(s("cpu-quick", m), g, 1500)) for name, m in metrics.items()})
+                {f"{name} at 1500": (lambda g, m=m: final_at(s("cpu-quick", m), g, 1500)) for name, m in FIDELITY.items()})
+
+
+# The steps of the whole runs' first-seed table: fixed, so that the study's later progress leaves it true.
+WHOLE_FIRST_SEED_STEPS = (2000, 4000)
+
+
+def results_whole_first_seed(s):
+    """The whole-run CPU study's BN and MN seed 0 at fixed steps, each metric from compare --metric."""
+    by_metric = {col: evals(s("cpu-whole", m)) for col, m in FIDELITY.items()}
+    return {(f"{row} at {step}", col): Nums(by_metric[col][run][step]) for step in WHOLE_FIRST_SEED_STEPS
+            for row, run in (("BN", "bn-s0"), ("MN", "mn-s0")) for col in FIDELITY}
 
 
 def gpu_looser(s):
@@ -327,6 +340,7 @@ CHECKS = {
     ("docs/results.md", "BN vs MN on a CPU"): results_cpu,
     ("docs/results.md", "Why MN might not help: `diagnose`"): results_diagnose,
     ("docs/results.md", "Fidelity or diversity? Precision and recall"): results_fidelity_diversity,
+    ("docs/results.md", "The whole runs' first seed"): results_whole_first_seed,
     ("docs/study-gpu/README.md", "Looser targets"): gpu_looser,
     ("docs/study-gpu/README.md", "FID at each evaluation"): per_eval,
     ("docs/study-cpu/README.md", "Looser targets (BN and MN, 2 seeds each)"): cpu_looser,
