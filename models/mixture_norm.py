@@ -21,6 +21,9 @@ from models.sync_norms import SyncedStatistics
 __all__ = ["MixtureNorm", "MixtureNorm1d", "MixtureNorm2d"]
 
 _RUNNING = ("running_lambda", "running_mu", "running_sigma2", "running_E", "running_V")
+# The constructor's options after num_features, each kept as an attribute of the same name.
+OPTIONS = ("num_components", "eps", "momentum", "affine", "track_running_stats", "em_steps", "em_samples", "lambda_min",
+           "var_floor", "prior_scaling", "detach_posteriors", "dead_steps", "posteriors", "fit", "fuse")
 
 
 class MixtureNorm(SyncedStatistics, nn.Module):
@@ -104,10 +107,7 @@ class MixtureNorm(SyncedStatistics, nn.Module):
         raise NotImplementedError
 
     def extra_repr(self) -> str:
-        names = ("num_components", "eps", "momentum", "affine", "track_running_stats", "em_steps", "em_samples",
-                 "lambda_min", "var_floor", "prior_scaling", "detach_posteriors", "dead_steps", "posteriors", "fit",
-                 "fuse")
-        return ", ".join([str(self.num_features)] + [f"{n}={getattr(self, n)}" for n in names])
+        return ", ".join([str(self.num_features)] + [f"{n}={getattr(self, n)}" for n in OPTIONS])
 
     # -- forward ------------------------------------------------------------------------------------------------
 

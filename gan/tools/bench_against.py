@@ -24,9 +24,6 @@ from gan.tools.bench_common import Row, activation_bytes, alternate_all, make_tr
 from gan.tools.op_count import compiled_launches, count_ops
 
 ROOT = Path(__file__).resolve().parents[2]
-# The layer's options, which both codes take as keyword arguments.
-OPTIONS = ("num_components", "eps", "momentum", "affine", "track_running_stats", "em_steps", "em_samples",
-           "lambda_min", "var_floor", "prior_scaling", "detach_posteriors", "dead_steps", "posteriors", "fit", "fuse")
 
 
 def mixture_norm_at(rev: str) -> type:
@@ -51,7 +48,7 @@ def mixture_norm_at(rev: str) -> type:
 def swap_layers(model: nn.Module, cls: type) -> None:
     """Replaces every MixtureNorm of model by cls with the same options and state, sharing the parameters (an
     optimizer built on model keeps updating them)."""
-    from models.mixture_norm import MixtureNorm
+    from models.mixture_norm import OPTIONS, MixtureNorm  # REV's layer takes the same options
     for parent in list(model.modules()):
         for name, layer in list(parent.named_children()):
             if isinstance(layer, MixtureNorm):
