@@ -251,12 +251,12 @@ def subsample(x: Tensor, budget: int) -> Tensor:
     return x[torch.randint(x.shape[0], (budget,), device=x.device)]
 
 
-def fit(xs: Tensor, stored: Optional[GMM], o: Options, sums: Sums, first_rank_only: Sums):
-    """The step's mixture on EM's samples xs (centered). Warm: `em_steps` EM iterations from the stored mixture
-    (on the first step, from k-means++ seeds refined by init_em_steps iterations). Fresh: k-means++ seeds and
-    `em_steps` iterations, relabelled to match the stored mixture. Returns it and its last E-step (None: nothing
-    to re-seed from, as with em_steps = 0, which freezes the mixture, and in fresh fits, re-seeded anyway)."""
-    f = features(xs, o.groups)
+def fit(xs: Tensor, f: Tensor, stored: Optional[GMM], o: Options, sums: Sums, first_rank_only: Sums):
+    """The step's mixture on EM's samples xs (centered), with features f. Warm: `em_steps` EM iterations from the
+    stored mixture (on the first step, from k-means++ seeds refined by init_em_steps iterations). Fresh: k-means++
+    seeds and `em_steps` iterations, relabelled to match the stored mixture. Returns it and its last E-step (None:
+    nothing to re-seed from, as with em_steps = 0, which freezes the mixture, and in fresh fits, re-seeded
+    anyway)."""
     if o.fresh:
         gmm, _ = em(f, seed(xs, o, sums, first_rank_only), o.em_steps, o, sums)
         return (gmm if stored is None else align(gmm, stored)), None
@@ -332,11 +332,14 @@ def train_forward(x: Tensor, stored: Optional[GMM], weight: Optional[Tensor], bi
             shift = mixture_mean(stored)
             stored = stored._replace(mu=stored.mu - shift)
         xs = subsample(x.detach(), max(o.num_components, o.em_samples)) - shift
-        gmm, last = fit(xs, stored, o, sums, first_rank_only)
+        fs = features(xs, o.groups)
+        gmm, last = fit(xs, fs, stored, o, sums, first_rank_only)
     # The features carry gradients where autograd differentiates them: in this module's transform, and in the
-    # posteriors unless detached.
-    with torch.set_grad_enabled(torch.is_grad_enabled() and (transform_fn is transform or not o.detach_posteriors)):
-        f = features(x - shift, o.groups)
+    # posteriors unless detached. Without gradients, EM's features serve when EM saw the whole batch (no copy:
+    # at CPU sizes, writing the features costs more than the step's products).
+    grad = torch.is_grad_enabled() and (transform_fn is transform or not o.detach_posteriors)
+    with torch.set_grad_enabled(grad):
+        f = fs if xs.shape[0] == x.shape[0] and not grad else features(x - shift, o.groups)
     tau = posteriors(log_joint(f.detach() if o.detach_posteriors else f, gmm)[0])
     y, n, E, V = transform_fn(x, f, tau, shift, gmm.lam, weight, bias, o, sums)
     return Step(y, tau, shift, gmm, n, E, V, xs, last)

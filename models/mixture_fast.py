@@ -1,11 +1,13 @@
 """MN's eager fast path: the training transform at fixed posteriors (detach_posteriors, the default) with a
 hand-written backward. The same maths as models/mixture_core.py's `transform` (tests/test_mixture_fast.py holds
-the two equal in float64); what it buys, against autograd through the core, is in `bench norm --against`.
+the two equal in float64); what it buys, against autograd through the core, is in `bench norm`.
 
 With tau constant the transform is a tau-weighted sum of K BatchNorm-like maps, and its gradient is again a
 product of tau with K x C coefficients. Autograd through the core keeps the samples' features and the
 intermediate products for backward, and dispatches each of the statistics' small ops again in reverse; this
-keeps x and tau (about what BatchNorm keeps) and computes the input gradient in two products.
+keeps x and tau (about what BatchNorm keeps). Its products add into the output (in backward, the input gradient)
+in place instead of writing new (M, C) tensors to sum: at CPU sizes, writing one costs more than the product
+that fills it.
 
 The backward, with tauhat_ik = tau_ik / n_k, xc = x - shift, and the clamp n_k = max(n_true_k, 1):
     dx_i = sum_k tau_ik [P_k dy_i - b_k x_i + alpha_k]
@@ -34,17 +36,15 @@ class Transform(torch.autograd.Function):
         ctx.o, ctx.sums = o, sums
         ctx.mark_non_differentiable(n, E, V)
         ctx.set_materialize_grads(False)
-        return core.mix(x, tau, P, Q), n, E, V
+        return mix(x, tau, P, Q), n, E, V
 
     @staticmethod
     def backward(ctx, dy, _dn, _dE, _dV):
         if dy is None:
             return (None,) * 9
         x, tau, shift, gain, n_true, E, V, P = ctx.saved_tensors
-        G, C = tau.shape[2], x.shape[1]
-        # g_k and sum_i tau_ik dy_i x_i in one product; h_k from them (E in input units).
-        sums = torch.einsum("mkg,mgd->kgd", tau, torch.cat([core.grouped(dy, G), core.grouped(dy * x, G)], 2))
-        g, m = (t.flatten(1) for t in sums.chunk(2, 2))
+        C = x.shape[1]
+        g, m = (weigh(tau, t) for t in (dy, dy * x))  # m: sum_i tau_ik dy_i x_i; h_k from it (E in input units)
         h = m - E * g
         d_weight = (gain * (V + ctx.o.eps).rsqrt() * h).sum(0) if ctx.needs_input_grad[5] else None
         d_bias = g.sum(0) if ctx.needs_input_grad[6] else None
@@ -55,13 +55,32 @@ class Transform(torch.autograd.Function):
             Pn = P / core.spread(n, C)
             b = Pn * h / (V + ctx.o.eps)
             alpha = b * (shift + core.spread(2.0 - n_true / n, C) * (E - shift)) - Pn * g
-            coef = torch.cat([core.grouped(t, G) for t in (P, b, alpha)], 2)  # (K, G, 3D)
-            A, B, Cc = (t.flatten(1) for t in torch.einsum("mkg,kgd->mgd", tau, coef).chunk(3, 2))
-            d_x = torch.addcmul(Cc, dy, A).addcmul_(x, B, value=-1.0)
+            d_x = expand(tau, alpha, expand(tau, P).mul_(dy).addcmul_(x, expand(tau, b), value=-1.0))
         return d_x, None, None, None, None, d_weight, d_bias, None, None
+
+
+def weigh(tau: Tensor, t: Tensor) -> Tensor:
+    """sum_i tau_ik t_i (K, C) for rows t (M, C)."""
+    return torch.einsum("mkg,mgd->kgd", tau, core.grouped(t, tau.shape[2])).flatten(1)
+
+
+def expand(tau: Tensor, W: Tensor, out: Tensor | None = None) -> Tensor:
+    """sum_k tau_ik W_k (M, C) for W (K, C): a new tensor, or added into `out` (M, C). Joint posteriors: one
+    (M, K) @ (K, C) product, which adds into `out` itself; per channel (tau (M, K, C)), a sum over k."""
+    if tau.shape[2] == 1:
+        t = tau[:, :, 0]
+        return torch.mm(t, W) if out is None else out.addmm_(t, W)
+    y = (tau * W).sum(1)
+    return y if out is None else out.add_(y)
+
+
+def mix(x: Tensor, tau: Tensor, P: Tensor, Q: Tensor) -> Tensor:
+    """core.mix in one (M, C) tensor: A, times x in place, then B added into it (core.mix writes three (M, C)
+    tensors besides y)."""
+    return expand(tau, Q, expand(tau, P).mul_(x))
 
 
 def transform(x: Tensor, f: Tensor, tau: Tensor, shift: Tensor, lam: Tensor, weight, bias, o: core.Options,
               sums: core.Sums = core.identity):
-    """core.transform, with this module's backward (tau must be constant: detach_posteriors)."""
+    """core.transform by this module's forward and backward (tau must be constant: detach_posteriors)."""
     return Transform.apply(x, f, tau, shift, lam, weight, bias, o, sums)

@@ -40,8 +40,8 @@ class MixtureNorm(SyncedStatistics, nn.Module):
 
     # "A few EM iterations" after the k-means++ seeding on the first training step.
     init_em_steps = 10
-    # Eagerly, with fixed posteriors, the transform's backward is models/mixture_fast.py's; False runs autograd
-    # through the core instead (the same gradients: what `bench norm` times the fast path against).
+    # Eagerly, with fixed posteriors, the transform is models/mixture_fast.py's; False runs autograd through the
+    # core instead (the same results: what `bench norm` times the fast path against).
     fast_backward = True
 
     def __init__(self, num_features: int, num_components: int = 3, eps: float = 1e-5,

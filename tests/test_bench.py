@@ -20,6 +20,15 @@ def test_headline_keeps_time_ratios_and_folds_the_variants_into_a_range():
     assert headline(rows[:2]) == "headline: ours/classic step time 0.61x; MN/BN step time 1.12x"
 
 
+def test_a_ratio_between_two_codes_is_the_median_of_each_rounds_ratio():
+    """Round 3 ran on a busier machine for both sides: the medians' ratio (1.1) would blame code A for it; each
+    round's ratio (1, 1.1, 1) does not. Quartiles by the textbook's (n + 1) p rule on the sorted ratios."""
+    from gan.tools.bench_common import paired_ratio
+    assert paired_ratio([1.0, 1.1, 3.0], [1.0, 1.0, 3.0]) == pytest.approx((1.0, 1.0, 1.1))
+    assert paired_ratio([2.0, 6.0, 3.0, 4.0, 1.0], [1.0, 2.0, 1.0, 1.0, 1.0]) == pytest.approx((3.0, 1.5, 3.5))
+    assert paired_ratio([3.0], [2.0]) == (1.5, 1.5, 1.5)  # one round: no spread to report
+
+
 @pytest.mark.slow  # it compiles the fused layer
 def test_bench_norm_times_every_mn_variant_under_the_name_the_tables_look_up():
     """One step per trainer at width 8: every variant gets a step-time and a memory row, named by

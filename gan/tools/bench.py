@@ -5,7 +5,7 @@
 - norm:  our step with MN (K=3, one EM step) vs our step with BN; step time and memory, for each MN variant
   (posteriors joint/per_channel x fit warm/fresh; joint/warm is the default), and the defaults with MN fused
   (compiled, `model.mn.fuse`) on a CPU (unfused on a GPU), all timed side by side; beside each time, the aten ops of one
-  eager step, a figure that does not depend on the machine; and the eager defaults' fast backward
+  eager step, a figure that does not depend on the machine; and the eager defaults' fast path
   (models/mixture_fast.py) against autograd through the core. Then one layer's host time at a tiny batch,
   MN eager and fused vs BN, with what each launches.
 - train|norm --compile MODE: the same steps compiled by torch.compile in MODE ("default": kernel fusion;
@@ -165,7 +165,7 @@ MN_VARIANTS = {
     "K=2": {"model.mn.num_components": 2},
 }
 DEFAULT_VARIANT = next(iter(MN_VARIANTS))
-# The defaults run eagerly with autograd through models/mixture_core.py instead of the fast path's backward.
+# The defaults run eagerly with autograd through models/mixture_core.py instead of the fast path.
 CORE_AUTOGRAD = "core autograd"
 FAST_RATIO = f"MN fast path/{CORE_AUTOGRAD}"
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import io
 import re
+import statistics
 import subprocess
 import sys
 import tarfile
@@ -20,7 +21,8 @@ import torch
 import torch.nn as nn
 
 from gan.core.errors import UserError
-from gan.tools.bench_common import Row, activation_bytes, alternate_all, make_trainer, run_steps, synthetic_data
+from gan.tools.bench_common import (Row, activation_bytes, make_trainer, paired_ratio, round_times, run_steps,
+                                    synthetic_data)
 from gan.tools.op_count import compiled_launches, count_ops
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -72,13 +74,19 @@ def bench_against(device: torch.device, rev: str, steps: int, repeats: int, ngf:
                             for name, norm in (("ours", "mn"), ("theirs", "mn"), ("bn", "bn")))
         swap_layers(theirs.G, other)
         trainers = [ours, theirs, bn]
-        t_ours, t_theirs, t_bn = alternate_all([lambda tr=tr: run_steps(tr, steps) for tr in trainers], repeats,
-                                               device)
+        fns = [lambda tr=tr: run_steps(tr, steps) for tr in trainers]
+        for fn in fns:  # warm-up
+            fn()
+        times = round_times(fns, repeats, device)
         saved = [activation_bytes(tr) / 2**20 for tr in trainers]
+    t_ours, t_theirs, t_bn = (statistics.median(t) for t in times)
+    ratio, low, high = paired_ratio(times[0], times[1])
     ms = 1e3 / steps
+    # The ratio is the median of each round's: a few percent is within reach only if the quartiles are close.
     rows = [Row("norm", f"DCGAN step, MN (K=3, 1 EM step), this code vs {rev}", t_ours * ms, t_theirs * ms,
-                "ms/step", f"MN step time, this code / {rev}", t_ours / t_theirs,
-                {"MN/BN step time, this code": t_ours / t_bn, f"MN/BN step time, {rev}": t_theirs / t_bn}),
+                "ms/step", f"MN step time, this code / {rev}", ratio,
+                {"per-round ratio, lower quartile": low, "per-round ratio, upper quartile": high,
+                 "MN/BN step time, this code": t_ours / t_bn, f"MN/BN step time, {rev}": t_theirs / t_bn}),
             Row("norm", f"tensors saved for backward per step, MN, this code vs {rev}", saved[0], saved[1], "MiB",
                 f"MN memory, this code / {rev}", saved[0] / saved[1], {"BN MiB": saved[2]})]
     return rows + _layer_counts(device, other, rev)

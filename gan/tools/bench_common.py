@@ -41,6 +41,11 @@ def alternate_all(fns: list[Callable[[], None]], repeats: int, device: torch.dev
 def timed_rounds(fns: list[Callable[[], None]], repeats: int, device: torch.device) -> list[float]:
     """Median seconds of each of `fns` over `repeats` rounds in which each runs once, in turn; no warm-up
     (for a side whose first call is as costly as the rest)."""
+    return [statistics.median(t) for t in round_times(fns, repeats, device)]
+
+
+def round_times(fns: list[Callable[[], None]], repeats: int, device: torch.device) -> list[list[float]]:
+    """Seconds of each of `fns` in each of `repeats` rounds in which each runs once, in turn; no warm-up."""
     times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for fn, out in zip(fns, times):
@@ -49,7 +54,18 @@ def timed_rounds(fns: list[Callable[[], None]], repeats: int, device: torch.devi
             fn()
             sync(device)
             out.append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return times
+
+
+def paired_ratio(a: list[float], b: list[float]) -> tuple[float, float, float]:
+    """The median over rounds of a / b within each round, and its lower and upper quartiles. A round's two runs
+    are seconds apart, so drift over the whole run (other processes, clocks) cancels in each round's ratio; the
+    quartiles show how far one round's ratio can be trusted."""
+    r = [x / y for x, y in zip(a, b)]
+    if len(r) < 2:
+        return r[0], r[0], r[0]
+    q1, _, q3 = statistics.quantiles(r, n=4)
+    return statistics.median(r), q1, q3
 
 
 def alternate(a: Callable[[], None], b: Callable[[], None], repeats: int, device: torch.device
