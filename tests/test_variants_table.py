@@ -5,6 +5,8 @@ import json
 import math
 import sys
 
+import pytest
+
 from gan.tools.compare import compare_runs
 from tests.conftest import ROOT
 from tests.test_compare import make_run
@@ -56,9 +58,11 @@ def test_gap_to_bn_is_in_welch_standard_errors_when_both_have_seeds():
     assert variants_table.gap_cell(bn, bn) == "–"
 
 
-def test_missing_compare_output_is_a_one_line_error(tmp_path):
-    import subprocess
-    r = subprocess.run([sys.executable, str(ROOT / "scripts" / "variants_table.py"), str(tmp_path)],
-                       capture_output=True, text=True)
-    assert r.returncode == 1 and "Traceback" not in r.stderr
-    assert r.stderr.strip().startswith("error: variants_table: FileNotFoundError") and len(r.stderr.strip().splitlines()) == 1
+def test_missing_compare_output_is_a_one_line_error(tmp_path, monkeypatch):
+    """sys.exit with a message: Python prints it to stderr and exits with status 1, no traceback."""
+    monkeypatch.setattr(sys, "argv", ["variants_table.py", str(tmp_path)])
+    with pytest.raises(SystemExit) as exited:
+        variants_table.main()
+    message = exited.value.code
+    assert isinstance(message, str) and message.startswith("error: variants_table: FileNotFoundError")
+    assert len(message.splitlines()) == 1
