@@ -60,8 +60,8 @@ class Transform(torch.autograd.Function):
 
 
 def weigh(tau: Tensor, t: Tensor) -> Tensor:
-    """sum_i tau_ik t_i (K, C) for rows t (M, C)."""
-    return torch.einsum("mkg,mgd->kgd", tau, core.grouped(t, tau.shape[2])).flatten(1)
+    """sum_i tau_ik t_i (K, C) for rows t (M, C): core.moments of t's channels as the features."""
+    return core.moments(tau, core.grouped(t, tau.shape[2])).flatten(1)
 
 
 def expand(tau: Tensor, W: Tensor, out: Tensor | None = None) -> Tensor:
